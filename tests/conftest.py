@@ -1,0 +1,78 @@
+"""Shared helpers: the Flax reference fixtures and tiny models built from their configs."""
+
+import json
+import os
+import pathlib
+import tempfile
+
+# Downloads in tests land in a throw-away Keras home (read once, at keras import).
+os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="vit_keras_home_"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
+CASES = {"tiny_vit": 32, "tiny_r50": 64, "tiny_r50_posemb": 96}
+
+
+class Case:
+    """One reference case: its config, params path, inputs and expected outputs."""
+
+    def __init__(self, name):
+        self.name = name
+        self.dir = FIXTURES / name
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.params = self.dir / "params.npz"
+        self.images = np.load(self.dir / "inputs.npz")["images"]
+        with np.load(self.dir / "expected.npz") as e:
+            self.expected = {k: e[k] for k in e.files}
+        self.image_size = self.meta["image_size_eval"]
+
+    def config(self, **overrides):
+        """`build_model` arguments of this case's original config."""
+        c = self.meta["vit_jax_model_config"]
+        t = c["transformer"]
+        resnet = c.get("resnet")
+        args = dict(
+            image_size=self.image_size,
+            patch_size=c["patches"]["size"][0],
+            num_layers=t["num_layers"],
+            hidden_size=c["hidden_size"],
+            num_heads=t["num_heads"],
+            mlp_dim=t["mlp_dim"],
+            classes=self.meta["num_classes"],
+            dropout=0.0,
+            representation_size=c["representation_size"],
+            resnet_layers=resnet and tuple(resnet["num_layers"]),
+            resnet_width_factor=resnet["width_factor"] if resnet else 1,
+        )
+        args.update(overrides)
+        return args
+
+    def model(self, **overrides):
+        import vit_keras
+
+        return vit_keras.build_model(weights=str(self.params), **self.config(**overrides))
+
+
+@pytest.fixture(scope="session", params=list(CASES))
+def case(request):
+    return Case(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    return Case("tiny_vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_r50():
+    return Case("tiny_r50")
+
+
+def assert_close(actual, expected, atol, what=""):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = float(np.abs(actual - expected).max())
+    assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.3g}"

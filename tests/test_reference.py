@@ -1,0 +1,90 @@
+"""The model reproduces Google's original Flax outputs (tests/fixtures/vit_jax)."""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+import vit_keras
+from conftest import Case, assert_close
+from vit_keras.checkpoint import POSEMB_KEY, read_npz
+
+
+def intermediates(model, images):
+    """Runs the model's layers one by one and records what the fixtures record."""
+    emb = model.get_layer("embeddings")
+    enc = model.get_layer("Transformer")
+    out = {}
+    x = images
+    if emb.resnet_layers is not None:
+        conv, gn, x = emb.resnet.stem(images)
+        out["resnet/conv_root"], out["resnet/gn_root"] = conv, gn
+        for unit in emb.resnet.units:
+            x = unit(x)
+            stage, u = unit.name.split("_")
+            out[f"resnet/{stage}/{u}"] = out[f"resnet/{stage}"] = x
+    out["embedding_out"] = emb.embedding(x)
+    tokens = emb(images)
+    out["encoder_input"] = tokens
+    for i, block in enumerate(enc.blocks):
+        tokens, out[f"attn_{i}"] = block(tokens)
+        out[f"block_{i}_out"] = tokens
+    out["encoder_out"] = enc.encoder_norm(tokens)
+    out["pre_logits"] = out["encoder_out"][:, 0]
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_logits_and_attention(case):
+    model = case.model()
+    logits, weights = vit_keras.attention_model(model)(case.images)
+    assert_close(logits, case.expected["logits"], 2e-5, "logits")
+    assert len(weights) == case.config()["num_layers"]
+    for i, w in enumerate(weights):
+        assert_close(w, case.expected[f"attn_{i}"], 1e-5, f"attn_{i}")
+
+
+def test_every_intermediate(case):
+    model = case.model()
+    got = intermediates(model, case.images)
+    wanted = [k for k in case.expected if k != "logits"]
+    assert set(wanted) <= set(got), set(wanted) - set(got)
+    for key in wanted:
+        ref = case.expected[key]
+        assert_close(got[key], ref, 1e-4 * np.abs(ref).max(), key)
+
+
+def test_resize_matches_original_file():
+    """The loader's own resize equals the checkpoint that the original code resized."""
+    case = Case("tiny_r50_posemb")
+    model = case.model()
+    emb = model.get_layer("embeddings")
+    ref = np.load(case.dir / "posemb_resized.npy")
+    assert_close(emb.pos_embedding.numpy(), ref, 1e-6, "pos_embedding")
+    assert_close(read_npz(case.dir / "params_resized.npz")[POSEMB_KEY], ref, 0, "params_resized")
+
+
+def test_non_square_resize_matches_scipy(tiny_r50):
+    """A 64x96 model gets a 4x6 grid, resized as scipy.ndimage.zoom(order=1) does."""
+    model = tiny_r50.model(image_size=(64, 96))
+    posemb = read_npz(tiny_r50.params)[POSEMB_KEY]
+    grid = posemb[0, 1:].reshape(4, 4, -1)
+    zoomed = scipy.ndimage.zoom(grid, (4 / 4, 6 / 4, 1), order=1).reshape(1, 24, -1)
+    expected = np.concatenate([posemb[:, :1], zoomed], axis=1)
+    assert_close(model.get_layer("embeddings").pos_embedding.numpy(), expected, 1e-6)
+    images = np.random.default_rng(0).uniform(-1, 1, (1, 64, 96, 3)).astype("float32")
+    logits, weights = vit_keras.attention_model(model)(images)
+    assert logits.shape == (1, 10) and weights[0].shape == (1, 4, 25, 25)
+
+
+def test_include_top_false_outputs_class_token(case):
+    model = case.model(include_top=False)
+    assert model.output_shape == (None, case.config()["hidden_size"])
+    ref = case.expected["pre_logits"]
+    assert_close(model(case.images), ref, 1e-4 * np.abs(ref).max(), "pre_logits")
+
+
+@pytest.mark.parametrize(
+    "builder, expected",
+    [(vit_keras.vit_b16, 86_567_656), (vit_keras.vit_r50_b16, 98_659_112)],
+)
+def test_full_size_parameter_counts(builder, expected):
+    assert builder(image_size=224, classes=1000, pretrained=False).count_params() == expected

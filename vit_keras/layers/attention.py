@@ -1,0 +1,83 @@
+"""Multi-head self-attention that also returns its attention weights."""
+
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class Attention(keras.layers.Layer):
+    """Multi-head dot-product self-attention returning `(output, weights)`.
+
+    Sublayers `query`, `key`, `value` (kernels `[D, heads, head_dim]`, biases
+    `[heads, head_dim]`) and `out` (kernel `[heads, head_dim, D]`) have the
+    original checkpoint's layouts. q is scaled by `1/sqrt(head_dim)`; the
+    softmax runs in float32 whatever the compute dtype.
+
+    Args:
+        num_heads: int. Number of attention heads; must divide the width.
+        dropout: float. Dropout on the attention weights. Defaults to 0.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Returns:
+        `(output [batch, tokens, D], weights [batch, heads, tokens, tokens])`.
+
+    Example:
+    >>> attn = Attention(num_heads=4)
+    >>> out, weights = attn(keras.ops.ones((2, 5, 32)))
+    >>> tuple(out.shape), tuple(weights.shape)
+    ((2, 5, 32), (2, 4, 5, 5))
+    """
+
+    def __init__(self, num_heads, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.dropout = dropout
+
+    def build(self, input_shape):
+        hidden = input_shape[-1]
+        if hidden % self.num_heads:
+            raise ValueError(
+                f"Width {hidden} is not divisible by num_heads={self.num_heads}."
+            )
+        self.head_dim = hidden // self.num_heads
+        for name in ("query", "key", "value"):
+            layer = keras.layers.EinsumDense(
+                "btd,dhk->bthk",
+                output_shape=(None, self.num_heads, self.head_dim),
+                bias_axes="hk",
+                kernel_initializer="glorot_uniform",
+                name=name,
+            )
+            layer.build(input_shape)
+            setattr(self, name, layer)
+        self.out = keras.layers.EinsumDense(
+            "bthk,hkd->btd",
+            output_shape=(None, hidden),
+            bias_axes="d",
+            kernel_initializer="glorot_uniform",
+            name="out",
+        )
+        self.out.build((input_shape[0], input_shape[1], self.num_heads, self.head_dim))
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.built = True
+
+    def call(self, inputs, training=None):
+        q = self.query(inputs) * ops.cast(1.0 / math.sqrt(self.head_dim), inputs.dtype)
+        k = self.key(inputs)
+        v = self.value(inputs)
+        logits = ops.einsum("bqhk,bthk->bhqt", q, k)
+        weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+        probs = self.dropout_layer(ops.cast(weights, v.dtype), training=training)
+        x = ops.einsum("bhqt,bthk->bqhk", probs, v)
+        return self.out(x), weights
+
+    def compute_output_shape(self, input_shape):
+        b, t, _ = input_shape
+        return input_shape, (b, self.num_heads, t, t)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_heads": self.num_heads, "dropout": self.dropout})
+        return config

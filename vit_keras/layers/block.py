@@ -1,0 +1,81 @@
+"""One pre-norm transformer encoder block."""
+
+import keras
+
+from vit_keras.layers.attention import Attention
+from vit_keras.layers.mlp import Mlp
+
+LN_EPSILON = 1e-6
+
+
+def layer_norm(name):
+    """LayerNorm with the original's epsilon (Keras defaults to 1e-3)."""
+    return keras.layers.LayerNormalization(epsilon=LN_EPSILON, name=name)
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class Block(keras.layers.Layer):
+    """`x + Attention(LayerNorm(x))`, then `x + Mlp(LayerNorm(x))`.
+
+    Sublayers carry the original checkpoint's names: `LayerNorm_0`,
+    `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`.
+
+    Args:
+        num_heads: int. Attention heads.
+        mlp_dim: int. Width of the MLP's hidden layer.
+        dropout: float. Dropout after attention and in the MLP. Defaults to 0.
+        attention_dropout: float. Dropout on attention weights. Defaults to 0.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Returns:
+        `(tokens [batch, tokens, D], weights [batch, heads, tokens, tokens])`.
+
+    Example:
+    >>> block = Block(num_heads=4, mlp_dim=64)
+    >>> x, w = block(keras.ops.ones((2, 5, 32)))
+    >>> tuple(x.shape), tuple(w.shape)
+    ((2, 5, 32), (2, 4, 5, 5))
+    """
+
+    def __init__(self, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+
+    def build(self, input_shape):
+        self.norm_0 = layer_norm("LayerNorm_0")
+        self.norm_0.build(input_shape)
+        self.attention = Attention(
+            self.num_heads, self.attention_dropout, name="MultiHeadDotProductAttention_1"
+        )
+        self.attention.build(input_shape)
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.norm_2 = layer_norm("LayerNorm_2")
+        self.norm_2.build(input_shape)
+        self.mlp = Mlp(self.mlp_dim, self.dropout, name="MlpBlock_3")
+        self.mlp.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        y, weights = self.attention(self.norm_0(inputs), training=training)
+        x = inputs + self.dropout_layer(y, training=training)
+        x = x + self.mlp(self.norm_2(x), training=training)
+        return x, weights
+
+    def compute_output_shape(self, input_shape):
+        b, t, _ = input_shape
+        return input_shape, (b, self.num_heads, t, t)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "dropout": self.dropout,
+                "attention_dropout": self.attention_dropout,
+            }
+        )
+        return config

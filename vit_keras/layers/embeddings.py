@@ -1,0 +1,133 @@
+"""Image to tokens: patches (or the ResNet's feature map), class token, positions."""
+
+import keras
+from keras import ops
+
+from vit_keras.layers.resnet import ResNet
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class Embeddings(keras.layers.Layer):
+    """Turns images into the encoder's input tokens.
+
+    The image (or, for the hybrid, the ResNet's feature map) is cut into
+    `patch_size` x `patch_size` patches by a strided conv named `embedding`,
+    the grid is flattened row-major, a learned class token `cls` is prepended
+    at index 0, the position embedding (class slot included) is added, and
+    dropout is applied.
+
+    Args:
+        hidden_size: int. Width of the tokens.
+        patch_size: int. Patch size in pixels of the conv's input (1 for the
+            hybrid, which patches the ResNet's feature map).
+        dropout: float. Dropout after adding the position embedding.
+            Defaults to 0.
+        resnet_layers: tuple of int or None. Units per ResNet stage; None for
+            the plain ViT. Defaults to None.
+        resnet_width_factor: float. ResNet width multiplier. Defaults to 1.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+    >>> emb = Embeddings(hidden_size=32, patch_size=16)
+    >>> tuple(emb(keras.ops.ones((2, 32, 48, 3))).shape)
+    (2, 7, 32)
+    """
+
+    def __init__(
+        self,
+        hidden_size,
+        patch_size,
+        dropout=0.0,
+        resnet_layers=None,
+        resnet_width_factor=1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.patch_size = patch_size
+        self.dropout = dropout
+        self.resnet_layers = None if resnet_layers is None else tuple(resnet_layers)
+        self.resnet_width_factor = resnet_width_factor
+
+    @property
+    def stride(self):
+        """Pixels of the input image per token along each axis."""
+        resnet = 1 if self.resnet_layers is None else 4 * 2 ** (len(self.resnet_layers) - 1)
+        return resnet * self.patch_size
+
+    def grid_size(self, image_shape):
+        """Returns the token grid `(rows, cols)` for an input `(H, W)`."""
+        h, w = image_shape
+        if h is None or w is None:
+            raise ValueError("Embeddings needs a static image height and width.")
+        if h % self.stride or w % self.stride:
+            raise ValueError(
+                f"Image size {h}x{w} is not divisible by the model's stride "
+                f"{self.stride} (patch size {self.patch_size}"
+                + ("" if self.resnet_layers is None else " on the ResNet's stride-"
+                   f"{self.stride // self.patch_size} feature map")
+                + ")."
+            )
+        return h // self.stride, w // self.stride
+
+    def build(self, input_shape):
+        gh, gw = self.grid_size(input_shape[1:3])
+        shape = input_shape
+        if self.resnet_layers is not None:
+            self.resnet = ResNet(
+                self.resnet_layers, self.resnet_width_factor, name="resnet"
+            )
+            self.resnet.build(shape)
+            shape = self.resnet.compute_output_shape(shape)
+        self.embedding = keras.layers.Conv2D(
+            self.hidden_size,
+            self.patch_size,
+            strides=self.patch_size,
+            padding="valid",
+            kernel_initializer="lecun_normal",
+            name="embedding",
+        )
+        self.embedding.build(shape)
+        self.cls = self.add_weight(
+            shape=(1, 1, self.hidden_size), initializer="zeros", name="cls"
+        )
+        self.pos_embedding = self.add_weight(
+            shape=(1, 1 + gh * gw, self.hidden_size),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+            name="pos_embedding",
+        )
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.built = True
+
+    def patch_grid(self, images):
+        """Returns the patch-embedding grid `[batch, rows, cols, hidden]`."""
+        x = images if self.resnet_layers is None else self.resnet(images)
+        return self.embedding(x)
+
+    def call(self, images, training=None):
+        x = self.patch_grid(images)
+        batch = ops.shape(x)[0]
+        x = ops.reshape(x, (batch, -1, self.hidden_size))
+        cls = ops.broadcast_to(ops.cast(self.cls, x.dtype), (batch, 1, self.hidden_size))
+        x = ops.concatenate([cls, x], axis=1)
+        x = x + ops.cast(self.pos_embedding, x.dtype)
+        return self.dropout_layer(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        gh, gw = self.grid_size(input_shape[1:3])
+        return (input_shape[0], 1 + gh * gw, self.hidden_size)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_size": self.hidden_size,
+                "patch_size": self.patch_size,
+                "dropout": self.dropout,
+                "resnet_layers": None
+                if self.resnet_layers is None
+                else list(self.resnet_layers),
+                "resnet_width_factor": self.resnet_width_factor,
+            }
+        )
+        return config

@@ -1,0 +1,80 @@
+"""The transformer encoder: the blocks and the final LayerNorm."""
+
+import keras
+
+from vit_keras.layers.block import Block, layer_norm
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class Encoder(keras.layers.Layer):
+    """`num_layers` blocks named `encoderblock_{i}`, then `encoder_norm`.
+
+    Args:
+        num_layers: int. Number of blocks.
+        num_heads: int. Attention heads per block.
+        mlp_dim: int. Width of each MLP's hidden layer.
+        dropout: float. Dropout inside the blocks. Defaults to 0.
+        attention_dropout: float. Dropout on attention weights. Defaults to 0.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Returns:
+        `(tokens [batch, tokens, D], [weights of block 0, ..., L-1])`, each
+        weights tensor `[batch, heads, tokens, tokens]`.
+
+    Example:
+    >>> enc = Encoder(num_layers=2, num_heads=4, mlp_dim=64)
+    >>> x, weights = enc(keras.ops.ones((2, 5, 32)))
+    >>> tuple(x.shape), len(weights), tuple(weights[0].shape)
+    ((2, 5, 32), 2, (2, 4, 5, 5))
+    """
+
+    def __init__(
+        self, num_layers, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+
+    def build(self, input_shape):
+        self.blocks = []
+        for i in range(self.num_layers):
+            block = Block(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout,
+                self.attention_dropout,
+                name=f"encoderblock_{i}",
+            )
+            block.build(input_shape)
+            self.blocks.append(block)
+        self.encoder_norm = layer_norm("encoder_norm")
+        self.encoder_norm.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = inputs
+        weights = []
+        for block in self.blocks:
+            x, w = block(x, training=training)
+            weights.append(w)
+        return self.encoder_norm(x), weights
+
+    def compute_output_shape(self, input_shape):
+        b, t, _ = input_shape
+        return input_shape, [(b, self.num_heads, t, t)] * self.num_layers
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "dropout": self.dropout,
+                "attention_dropout": self.attention_dropout,
+            }
+        )
+        return config

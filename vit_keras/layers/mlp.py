@@ -1,0 +1,49 @@
+"""The transformer block's feed-forward part."""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class Mlp(keras.layers.Layer):
+    """`Dense_0` -> GELU (tanh form, as the original) -> Dropout -> `Dense_1` -> Dropout.
+
+    Args:
+        mlp_dim: int. Width of the hidden layer.
+        dropout: float. Dropout after each Dense. Defaults to 0.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+    >>> mlp = Mlp(mlp_dim=64)
+    >>> tuple(mlp(keras.ops.ones((2, 5, 32))).shape)
+    (2, 5, 32)
+    """
+
+    def __init__(self, mlp_dim, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp_dim = mlp_dim
+        self.dropout = dropout
+
+    def build(self, input_shape):
+        init = dict(
+            kernel_initializer="glorot_uniform",
+            bias_initializer=keras.initializers.RandomNormal(stddev=1e-6),
+        )
+        self.dense_0 = keras.layers.Dense(self.mlp_dim, name="Dense_0", **init)
+        self.dense_0.build(input_shape)
+        self.dense_1 = keras.layers.Dense(input_shape[-1], name="Dense_1", **init)
+        self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = keras.activations.gelu(self.dense_0(inputs), approximate=True)
+        x = self.dropout_layer(x, training=training)
+        return self.dropout_layer(self.dense_1(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mlp_dim": self.mlp_dim, "dropout": self.dropout})
+        return config

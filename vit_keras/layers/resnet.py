@@ -1,0 +1,184 @@
+"""The ResNet (v1.5, GroupNorm, weight-standardised) stem of the hybrid ViT."""
+
+import keras
+from keras import ops
+
+from vit_keras.layers.std_conv import StdConv2D
+
+GN_GROUPS = 32
+GN_EPSILON = 1e-6
+
+
+def _group_norm(name):
+    return keras.layers.GroupNormalization(
+        groups=GN_GROUPS, epsilon=GN_EPSILON, name=name
+    )
+
+
+def _std_conv(filters, kernel_size, strides, name):
+    return StdConv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="lecun_normal",
+        name=name,
+    )
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class ResNetUnit(keras.layers.Layer):
+    """Post-activation bottleneck unit with GroupNorm and standardised convs.
+
+    `relu(shortcut + gn3(conv3(relu(gn2(conv2(relu(gn1(conv1(x)))))))))`, where
+    `conv2` (3x3) carries the stride and the shortcut is `gn_proj(conv_proj(x))`
+    when the stride or the channel count changes. Output channels: `4 * filters`.
+
+    Args:
+        filters: int. Width of the bottleneck (conv1 and conv2); GroupNorm(32)
+            needs a multiple of 32.
+        strides: int. Stride of conv2 and of the projection. Defaults to 1.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+    >>> unit = ResNetUnit(filters=32, strides=2)
+    >>> tuple(unit(keras.ops.ones((1, 16, 16, 64))).shape)
+    (1, 8, 8, 128)
+    """
+
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.strides = strides
+
+    def build(self, input_shape):
+        out = 4 * self.filters
+        self.needs_projection = input_shape[-1] != out or self.strides != 1
+        f, s = self.filters, self.strides
+        if self.needs_projection:
+            self.conv_proj = _std_conv(out, 1, s, "conv_proj")
+            self.conv_proj.build(input_shape)
+            self.gn_proj = _group_norm("gn_proj")
+            self.gn_proj.build(self.conv_proj.compute_output_shape(input_shape))
+        self.conv1 = _std_conv(f, 1, 1, "conv1")
+        self.conv1.build(input_shape)
+        shape = self.conv1.compute_output_shape(input_shape)
+        self.gn1 = _group_norm("gn1")
+        self.gn1.build(shape)
+        self.conv2 = _std_conv(f, 3, s, "conv2")
+        self.conv2.build(shape)
+        shape = self.conv2.compute_output_shape(shape)
+        self.gn2 = _group_norm("gn2")
+        self.gn2.build(shape)
+        self.conv3 = _std_conv(out, 1, 1, "conv3")
+        self.conv3.build(shape)
+        self.gn3 = _group_norm("gn3")
+        self.gn3.build(self.conv3.compute_output_shape(shape))
+        self.built = True
+
+    def call(self, inputs):
+        shortcut = inputs
+        if self.needs_projection:
+            shortcut = self.gn_proj(self.conv_proj(inputs))
+        y = ops.relu(self.gn1(self.conv1(inputs)))
+        y = ops.relu(self.gn2(self.conv2(y)))
+        y = self.gn3(self.conv3(y))
+        return ops.relu(shortcut + y)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        s = self.strides
+        h = None if h is None else -(-h // s)
+        w = None if w is None else -(-w // s)
+        return (b, h, w, 4 * self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"filters": self.filters, "strides": self.strides})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class ResNet(keras.layers.Layer):
+    """The ResNet stem of the hybrid ViT: root block and bottleneck stages.
+
+    `conv_root` (7x7/2) -> `gn_root` -> relu -> 3x3/2 max-pool, then one stage
+    per entry of `block_units`; stage s (1-based) has width `64 * w * 2**(s-1)`
+    and stride 1 for the first stage, 2 for the later ones. SAME padding
+    everywhere. Units are named `block{s}_unit{u}` (the original's
+    `block{s}/unit{u}`). Total stride: `4 * 2**(len(block_units) - 1)`.
+
+    Args:
+        block_units: tuple of int. Units per stage, e.g. `(3, 4, 9)` for R50.
+        width_factor: float. Multiplies the base width 64. Defaults to 1.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+    >>> resnet = ResNet(block_units=(1, 1), width_factor=0.5)
+    >>> tuple(resnet(keras.ops.ones((1, 32, 32, 3))).shape)
+    (1, 4, 4, 256)
+    """
+
+    def __init__(self, block_units, width_factor=1, **kwargs):
+        super().__init__(**kwargs)
+        self.block_units = tuple(block_units)
+        self.width_factor = width_factor
+
+    @property
+    def width(self):
+        return int(64 * self.width_factor)
+
+    @property
+    def stride(self):
+        return 4 * 2 ** (len(self.block_units) - 1)
+
+    def build(self, input_shape):
+        self.conv_root = _std_conv(self.width, 7, 2, "conv_root")
+        self.conv_root.build(input_shape)
+        shape = self.conv_root.compute_output_shape(input_shape)
+        self.gn_root = _group_norm("gn_root")
+        self.gn_root.build(shape)
+        shape = self._pool_shape(shape)
+        self.units = []
+        for s, count in enumerate(self.block_units, start=1):
+            for u in range(1, count + 1):
+                strides = 2 if (s > 1 and u == 1) else 1
+                unit = ResNetUnit(
+                    self.width * 2 ** (s - 1), strides, name=f"block{s}_unit{u}"
+                )
+                unit.build(shape)
+                shape = unit.compute_output_shape(shape)
+                self.units.append(unit)
+        self.built = True
+
+    @staticmethod
+    def _pool_shape(shape):
+        b, h, w, c = shape
+        return (b, None if h is None else -(-h // 2), None if w is None else -(-w // 2), c)
+
+    def stem(self, inputs):
+        """Returns `(conv_root output, gn_root output, pooled output)`."""
+        x = self.conv_root(inputs)
+        g = self.gn_root(x)
+        return x, g, ops.max_pool(ops.relu(g), 3, strides=2, padding="same")
+
+    def call(self, inputs):
+        x = self.stem(inputs)[-1]
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        s = self.stride
+        h = None if h is None else -(-h // s)
+        w = None if w is None else -(-w // s)
+        return (b, h, w, self.width * 2 ** (len(self.block_units) - 1) * 4)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"block_units": list(self.block_units), "width_factor": self.width_factor}
+        )
+        return config

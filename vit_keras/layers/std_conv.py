@@ -1,0 +1,33 @@
+"""Weight-standardised convolution (Qiao et al., 2019), as in BiT and the hybrid ViT."""
+
+import keras
+from keras import ops
+
+# The original adds this to the standard deviation, not under the square root.
+WS_EPSILON = 1e-5
+
+
+def standardize_kernel(kernel):
+    """Standardises an HWIO kernel per output channel over (kh, kw, c_in)."""
+    kernel = kernel - ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    std = ops.sqrt(ops.mean(ops.square(kernel), axis=(0, 1, 2), keepdims=True))
+    return kernel / (std + WS_EPSILON)
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class StdConv2D(keras.layers.Conv2D):
+    """A `Conv2D` whose kernel is weight-standardised before each convolution.
+
+    Takes exactly the arguments of `keras.layers.Conv2D`. The stored kernel is
+    the raw one (as in the original checkpoints); the standardised kernel is
+    `(w - mean) / (std + 1e-5)` per output channel, with the population std.
+
+    Example:
+    >>> conv = StdConv2D(8, 3, padding="same", use_bias=False)
+    >>> tuple(conv(keras.ops.ones((1, 8, 8, 3))).shape)
+    (1, 8, 8, 8)
+    """
+
+    def convolution_op(self, inputs, kernel):
+        kernel = standardize_kernel(ops.cast(kernel, "float32"))
+        return super().convolution_op(inputs, ops.cast(kernel, inputs.dtype))

@@ -1,0 +1,135 @@
+"""Assembles the Vision Transformer with the functional API."""
+
+import keras
+
+from vit_keras.layers import Embeddings, Encoder, ExtractToken
+
+
+def _image_shape(image_size):
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+def build_model(
+    image_size,
+    patch_size,
+    num_layers,
+    hidden_size,
+    num_heads,
+    mlp_dim,
+    classes,
+    dropout=0.1,
+    activation="linear",
+    include_top=True,
+    representation_size=None,
+    resnet_layers=None,
+    resnet_width_factor=1,
+    name="vit",
+    weights=None,
+    pretrained_top=True,
+):
+    """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
+
+    The fields are those of the original config. Layers carry the original
+    checkpoint's names (`embeddings` holds `embedding`, `cls`, the position
+    embedding and, for the hybrid, `resnet`; `Transformer` is the encoder;
+    `pre_logits`, `head`), so weight loading is a name map.
+
+    Args:
+        image_size: int or (height, width). Input resolution; need not be square.
+        patch_size: int. Patch size; for the hybrid, on the ResNet's feature map
+            (1 for R50+ViT-B/16).
+        num_layers: int. Transformer blocks.
+        hidden_size: int. Token width.
+        num_heads: int. Attention heads.
+        mlp_dim: int. MLP hidden width.
+        classes: int. Outputs of the head.
+        dropout: float. Dropout after the embedding and inside the blocks.
+            Defaults to 0.1.
+        activation: str. Activation of the head. Defaults to "linear".
+        include_top: bool. With False the model outputs the class token's
+            representation `[batch, hidden_size]`. Defaults to True.
+        representation_size: int or None. Width of the tanh `pre_logits` layer
+            before the head (used with the top only). Defaults to None.
+        resnet_layers: tuple of int or None. Units per ResNet stage, e.g.
+            (3, 4, 9); None for the plain ViT. Defaults to None.
+        resnet_width_factor: float. ResNet width multiplier. Defaults to 1.
+        name: str. Model name. Defaults to "vit".
+        weights: str or None. A local path or URL of an original `.npz`
+            checkpoint to load. Defaults to None.
+        pretrained_top: bool. Load the checkpoint's head when its shape fits.
+            Defaults to True.
+
+    Example:
+    >>> model = build_model(32, 16, num_layers=2, hidden_size=64, num_heads=4,
+    ...                     mlp_dim=128, classes=10)
+    >>> model.output_shape
+    (None, 10)
+    """
+    height, width = _image_shape(image_size)
+    if weights is not None:
+        from vit_keras import checkpoint
+
+        path = checkpoint.resolve(weights)
+        if include_top and representation_size is None:
+            representation_size = checkpoint.representation_size(path)
+    embeddings = Embeddings(
+        hidden_size,
+        patch_size,
+        dropout=dropout,
+        resnet_layers=resnet_layers,
+        resnet_width_factor=resnet_width_factor,
+        name="embeddings",
+    )
+    embeddings.grid_size((height, width))  # fails early on an indivisible size
+    inputs = keras.Input((height, width, 3), name="image")
+    x = embeddings(inputs)
+    x, _ = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout, name="Transformer")(x)
+    y = ExtractToken(name="class_token")(x)
+    if include_top:
+        if representation_size:
+            y = keras.layers.Dense(representation_size, activation="tanh", name="pre_logits")(y)
+        # The original zero-initialises the head; logits stay float32 under mixed precision.
+        y = keras.layers.Dense(
+            classes, activation=activation, kernel_initializer="zeros", name="head", dtype="float32"
+        )(y)
+    model = keras.Model(inputs, y, name=name)
+    if weights is not None:
+        checkpoint.load_npz(model, path, pretrained_top=pretrained_top)
+    return model
+
+
+def find_encoder(model):
+    """Returns the model's one `Encoder` layer."""
+    encoders = [layer for layer in model.layers if isinstance(layer, Encoder)]
+    if len(encoders) != 1:
+        raise ValueError(
+            f"Expected one vit_keras Encoder layer in model {model.name!r}, found {len(encoders)}."
+        )
+    return encoders[0]
+
+
+def attention_model(model):
+    """Returns a model that shares `model`'s weights and also outputs attention.
+
+    Its outputs are `(model's outputs, [weights of block 0, ..., L-1])`, each
+    weights tensor `[batch, heads, tokens, tokens]` (softmax probabilities).
+
+    Args:
+        model: keras.Model. A model from this package's builders (fine-tuned
+            or reloaded from `.keras` too).
+
+    Example:
+    >>> model = build_model(32, 16, 2, 64, 4, 128, classes=10)
+    >>> logits, weights = attention_model(model)(keras.ops.zeros((1, 32, 32, 3)))
+    >>> len(weights), tuple(weights[0].shape)
+    (2, (1, 4, 5, 5))
+    """
+    encoder = find_encoder(model)
+    # Keras keeps a layer's outputs flattened: the tokens, then block 0..L-1's weights.
+    _, *weights = encoder.output
+    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
