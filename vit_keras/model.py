@@ -2,7 +2,7 @@
 
 import keras
 
-from vit_keras.layers import Embeddings, Encoder, ExtractToken
+from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken
 
 
 def _image_shape(image_size):
@@ -29,6 +29,7 @@ def build_model(
     name="vit",
     weights=None,
     pretrained_top=True,
+    class_names=None,
 ):
     """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
 
@@ -61,6 +62,8 @@ def build_model(
             checkpoint to load. Defaults to None.
         pretrained_top: bool. Load the checkpoint's head when its shape fits.
             Defaults to True.
+        class_names: list of str or None. Names of the classes, kept in the
+            head's config (and so in `.keras` files). Defaults to None.
 
     Example:
     >>> model = build_model(32, 16, num_layers=2, hidden_size=64, num_heads=4,
@@ -92,13 +95,26 @@ def build_model(
         if representation_size:
             y = keras.layers.Dense(representation_size, activation="tanh", name="pre_logits")(y)
         # The original zero-initialises the head; logits stay float32 under mixed precision.
-        y = keras.layers.Dense(
-            classes, activation=activation, kernel_initializer="zeros", name="head", dtype="float32"
+        y = ClassifierHead(
+            classes,
+            class_names=class_names,
+            activation=activation,
+            kernel_initializer="zeros",
+            name="head",
+            dtype="float32",
         )(y)
     model = keras.Model(inputs, y, name=name)
     if weights is not None:
         checkpoint.load_npz(model, path, pretrained_top=pretrained_top)
     return model
+
+
+def class_names(model):
+    """Returns the class names stored in the model's head, or None."""
+    try:
+        return model.get_layer("head").class_names
+    except (ValueError, AttributeError):
+        return None
 
 
 def find_encoder(model):

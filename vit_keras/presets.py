@@ -25,6 +25,16 @@ CONFIGS = {
     ),
 }
 
+# Small configurations with no published weights, for laptops, demos and tests.
+SMALL_CONFIGS = {
+    # ResNet width 32, one unit per stage (stride 16), then a 2-layer ViT of width 64.
+    "vit_hybrid_tiny": dict(
+        patch_size=1, num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128,
+        resnet_layers=(1, 1, 1), resnet_width_factor=0.5,
+    ),
+    "vit_tiny16": dict(patch_size=16, num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:

@@ -5,6 +5,7 @@ import numpy as np
 
 from vit_keras import checkpoint, presets
 from vit_keras.model import build_model
+from vit_keras.utils import get_imagenet_classes
 
 
 def preprocess_inputs(X):
@@ -36,6 +37,9 @@ def _build(
     path = None
     if pretrained:
         path = checkpoint.resolve(weights, model=model_name)
+    names = None
+    if pretrained and pretrained_top and include_top and weights == "imagenet21k+imagenet2012" and classes == 1000:
+        names = get_imagenet_classes()
     return build_model(
         image_size=image_size,
         classes=classes,
@@ -44,6 +48,7 @@ def _build(
         name=model_name.replace("_", "-"),
         weights=path,
         pretrained_top=pretrained_top,
+        class_names=names,
         **config,
     )
 

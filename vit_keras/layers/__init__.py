@@ -8,6 +8,7 @@ from vit_keras.layers.attention import Attention
 from vit_keras.layers.block import Block
 from vit_keras.layers.embeddings import Embeddings
 from vit_keras.layers.encoder import Encoder
+from vit_keras.layers.head import ClassifierHead
 from vit_keras.layers.mlp import Mlp
 from vit_keras.layers.pooling import ExtractToken
 from vit_keras.layers.resnet import ResNet, ResNetUnit
@@ -16,6 +17,7 @@ from vit_keras.layers.std_conv import StdConv2D
 __all__ = [
     "Attention",
     "Block",
+    "ClassifierHead",
     "Embeddings",
     "Encoder",
     "ExtractToken",

@@ -1,0 +1,113 @@
+"""Where the model looks: attention rollout, heat maps over the image, overlay pictures.
+
+Attention rollout (Abnar & Zuidema, 2020): fuse each block's heads, optionally
+discard the lowest weights, add the identity for the residual path,
+renormalise the rows, and multiply the blocks' matrices from first to last;
+the class token's row over the patch grid is the map.
+"""
+
+import numpy as np
+from keras import ops
+
+from vit_keras.model import attention_model
+from vit_keras.vit import preprocess_inputs
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def grid_shape(model):
+    """The token grid (rows, cols) of a model of this package (the ResNet's feature map for the hybrid)."""
+    return model.get_layer("embeddings").grid_size(model.input_shape[1:3])
+
+
+def rollout(weights, head_fusion="mean", discard_ratio=0.0):
+    """Attention rollout of a list of `[batch, heads, T, T]` weights -> `[batch, T, T]`.
+
+    Args:
+        weights: list of tensors. Each block's attention probabilities, first block first.
+        head_fusion: str. How heads are fused: "mean", "max" or "min". Defaults to "mean".
+        discard_ratio: float. Share of each row's lowest fused weights set to zero
+            before the identity is added. Defaults to 0.
+    """
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"Unknown head_fusion {head_fusion!r}; use one of {HEAD_FUSIONS}.")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}.")
+    result = None
+    for w in weights:
+        w = ops.cast(w, "float32")
+        a = {"mean": ops.mean, "max": ops.max, "min": ops.min}[head_fusion](w, axis=1)
+        tokens = a.shape[-1]
+        discard = int(tokens * discard_ratio)
+        if discard:
+            threshold = ops.top_k(a, tokens - discard, sorted=True)[0][..., -1:]
+            a = ops.where(a >= threshold, a, ops.zeros_like(a))
+        a = a + ops.eye(tokens, dtype="float32")
+        a = a / ops.sum(a, axis=-1, keepdims=True)
+        result = a if result is None else ops.matmul(a, result)
+    return result
+
+
+def rollout_grid(weights, grid, head_fusion="mean", discard_ratio=0.0):
+    """The class token's rollout over the patch grid, `[batch, rows, cols]`, scaled to max 1."""
+    r = rollout(weights, head_fusion, discard_ratio)[:, 0, 1:]
+    r = ops.reshape(r, (-1, grid[0], grid[1]))
+    return r / ops.maximum(ops.max(r, axis=(1, 2), keepdims=True), 1e-12)
+
+
+def attention_heatmap(model, images, head_fusion="mean", discard_ratio=0.0):
+    """Heat maps of where the class token attends, upsampled to the image: `[batch, H, W]` in [0, 1].
+
+    Args:
+        model: keras.Model. A model of this package (hybrid, non-square and
+            fine-tuned ones included).
+        images: array `[batch, H, W, 3]` as the model takes them (preprocessed, in [-1, 1]).
+        head_fusion, discard_ratio: see `rollout`.
+    """
+    _, weights = attention_model(model)(images, training=False)
+    grid = rollout_grid(weights, grid_shape(model), head_fusion, discard_ratio)
+    height, width = model.input_shape[1:3]
+    maps = ops.image.resize(grid[..., None], (height, width), interpolation="bilinear")
+    return np.clip(np.asarray(maps)[..., 0], 0.0, 1.0)
+
+
+def attention_map(model, image):
+    """The existing vit-keras API: an image in 0..255 -> the image weighted by its attention map.
+
+    The image may have any size: it is resized to the model's input for the
+    model, and the map is resized back to the image.
+    """
+    image = np.asarray(image)
+    height, width = model.input_shape[1:3]
+    x = ops.image.resize(image[None].astype("float32"), (height, width))
+    heat = attention_heatmap(model, preprocess_inputs(x))
+    heat = np.asarray(ops.image.resize(heat[..., None], image.shape[:2]))[0]
+    return (image * np.clip(heat, 0.0, 1.0)).astype("uint8")
+
+
+def save_overlay(image, heatmap, path, predictions=None, title=None):
+    """Saves a PNG: the image, the heat map, and the heat map over the image with the top predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = np.asarray(image)
+    image = image.astype("uint8") if image.max() > 1.0 else (image * 255).astype("uint8")
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    axes[1].imshow(heatmap, cmap="inferno", vmin=0, vmax=1)
+    axes[1].set_title("attention rollout")
+    axes[2].imshow(image)
+    axes[2].imshow(heatmap, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+    if predictions:
+        axes[2].set_title("\n".join(f"{name}: {p:.1%}" for name, p in predictions[:3]), fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
