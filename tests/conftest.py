@@ -76,3 +76,13 @@ def assert_close(actual, expected, atol, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = float(np.abs(actual - expected).max())
     assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.3g}"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's demo training (small hybrid on digits), run once per test session."""
+    from vit_keras import cli, training
+
+    out = tmp_path_factory.mktemp("demo")
+    result = training.train(**dict(cli.DEMO, out=str(out), verbose=0))
+    return out, result

@@ -43,8 +43,9 @@ def test_tfds_pipeline_with_mock_data(tmp_path):
             dataset="cifar10", data_dir=str(tmp_path / "tfds"), out=str(tmp_path / "run"),
             epochs=1, randaugment=True, mixup=True, cutmix=True, label_smoothing=0.1, **TINY,
         )
-    assert result.metrics["class_names"][:2] == ["airplane", "automobile"]
-    assert result.metrics["steps"] == 62 // 32  # 98 % of 64 for training
+    assert len(result.metrics["class_names"]) == 10  # from the dataset's info
+    assert result.metrics["steps"] == 64 // 32  # mock_data yields num_examples whatever the split slice
+    assert result.model.output_shape == (None, 10)
 
 
 def make_folder(root, n=12, size=40):

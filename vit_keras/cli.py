@@ -1,4 +1,4 @@
-"""The `vit-keras` command: `train`, `demo`."""
+"""The `vit-keras` command: `train`, `export`, `attention`, `demo`."""
 
 import argparse
 import json
@@ -66,6 +66,77 @@ DEMO = dict(model="vit_hybrid_tiny", dataset="digits", image_size=64, epochs=40,
             learning_rate=0.1, backup_every=20)
 
 
+def run_export(model_path, fmt, out, dataset=None, name=None, version=1, variants=None,
+               overwrite=False, calibration=200, parity=400):
+    """Exports a `.keras` model; for TFLite prints the parity table against Keras."""
+    import keras
+
+    from vit_keras import data, export
+
+    model = keras.saving.load_model(model_path)
+    if fmt == "saved_model":
+        path = export.export_saved_model(model, out, name=name or model.name, version=version,
+                                         overwrite=overwrite)
+        print(f"SavedModel -> {path}")
+        return path
+    dataset = dataset or _recorded_dataset(model_path)
+    if dataset is None:
+        raise ValueError("TFLite export needs --dataset for calibration and the parity check.")
+    splits = data.load(dataset)
+    size = model.input_shape[1:3]
+    calib, _ = data.pixels(splits.train, size, calibration)
+    held_out, _ = data.pixels(splits.test, size, parity)
+    files = export.export_tflite(model, out, variants=variants or export.TFLITE_VARIANTS,
+                                 representative_images=calib, overwrite=overwrite)
+    rows = export.parity_table(model, files, held_out)
+    print(f"TFLite parity against Keras on {len(held_out)} held-out {dataset} images:")
+    print(export.format_parity(rows))
+    return rows
+
+
+def _recorded_dataset(model_path):
+    import os
+
+    metrics = os.path.join(os.path.dirname(os.path.abspath(model_path)), "metrics.json")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            return json.load(f).get("dataset")
+    return None
+
+
+def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0):
+    """Writes one PNG per image: the image, the rollout heat map, the top predictions."""
+    import os
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from vit_keras import export, visualize
+    from vit_keras.vit import preprocess_inputs
+
+    model = keras.saving.load_model(model_path) if isinstance(model_path, str) else model_path
+    names = export._names(model)
+    height, width = model.input_shape[1:3]
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for path in images:
+        raw = tf.io.read_file(path)
+        try:
+            pixels = export.decode_images(raw[None], (height, width))
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(f"{path}: {e.message.splitlines()[0]}") from None
+        x = preprocess_inputs(pixels)
+        heat = visualize.attention_heatmap(model, x, head_fusion, discard_ratio)[0]
+        probs = np.asarray(export._probabilities(model, pixels))[0]
+        top = [(names[i], float(probs[i])) for i in np.argsort(-probs)[:3]]
+        target = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
+        visualize.save_overlay(np.asarray(pixels[0]).astype("uint8"), heat, target, predictions=top)
+        written.append(target)
+        print(f"{path}: {top[0][0]} ({top[0][1]:.1%}) -> {target}")
+    return written
+
+
 def _print_metrics(metrics, out):
     print(f"test top-1 {metrics['test_top1']:.4f}  top-5 {metrics['test_top5']:.4f}  "
           f"steps {metrics['steps']}  wall {metrics['wall_seconds']:.0f} s  -> {out}/model.keras")
@@ -76,6 +147,23 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     train_p = sub.add_parser("train", help="train or fine-tune with model.fit")
     add_train_arguments(train_p)
+    export_p = sub.add_parser("export", help="SavedModel for TF Serving, or TFLite files for phones")
+    export_p.add_argument("--model", required=True, help="a .keras file")
+    export_p.add_argument("--format", choices=("saved_model", "tflite"), required=True)
+    export_p.add_argument("--out", required=True, help="SavedModel: OUT/<name>/<version>/; TFLite: OUT/<variant>.tflite")
+    export_p.add_argument("--name", default=None, help="SavedModel model name (default: the model's)")
+    export_p.add_argument("--version", type=int, default=1)
+    export_p.add_argument("--variants", nargs="+", default=None,
+                          help="TFLite variants: float32 float16 dynamic_int8 int8 (default: all)")
+    export_p.add_argument("--dataset", default=None,
+                          help="TFLite calibration and parity data (default: the dataset in metrics.json beside the model)")
+    export_p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    attn_p = sub.add_parser("attention", help="PNG heat maps of where the model attends")
+    attn_p.add_argument("images", nargs="+")
+    attn_p.add_argument("--model", required=True, help="a .keras file")
+    attn_p.add_argument("--out", required=True)
+    attn_p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean")
+    attn_p.add_argument("--discard-ratio", type=float, default=0.0)
     demo_p = sub.add_parser("demo", help="train a small hybrid ViT on the built-in digits (2-core CPU)")
     demo_p.add_argument("--out", default="runs/demo")
     demo_p.add_argument("--epochs", type=int, default=DEMO["epochs"])
@@ -87,16 +175,41 @@ def main(argv=None):
 
     try:
         if args.command == "train":
-            metrics = training.train(**_train_kwargs(args)).metrics
+            _print_metrics(training.train(**_train_kwargs(args)).metrics, args.out)
+        elif args.command == "export":
+            run_export(args.model, args.format, args.out, args.dataset, args.name, args.version,
+                       args.variants, args.overwrite)
+        elif args.command == "attention":
+            run_attention(args.model, args.images, args.out, args.head_fusion, args.discard_ratio)
         else:
-            metrics = training.train(**dict(DEMO, out=args.out, epochs=args.epochs)).metrics
-    except ValueError as e:
+            demo(args.out, args.epochs)
+    except (ValueError, FileExistsError) as e:
         print(f"vit-keras: error: {e}", file=sys.stderr)
         return 2
-    _print_metrics(metrics, args.out)
-    if args.command == "demo":
-        print(json.dumps({k: v for k, v in metrics.items() if k != "class_names"}, indent=1))
     return 0
+
+
+def demo(out, epochs=DEMO["epochs"]):
+    """Train on digits, export (SavedModel + TFLite with parity table), draw attention maps."""
+    import os
+
+    import numpy as np
+    import PIL.Image
+
+    from vit_keras import data, training
+
+    metrics = training.train(**dict(DEMO, out=out, epochs=epochs)).metrics
+    _print_metrics(metrics, out)
+    model_path = os.path.join(out, "model.keras")
+    run_export(model_path, "saved_model", os.path.join(out, "export"), overwrite=True)
+    run_export(model_path, "tflite", os.path.join(out, "tflite"), dataset="digits", overwrite=True)
+    images, _ = data.pixels(data.load("digits").test, 64, 3)
+    files = []
+    for i, image in enumerate(images):
+        files.append(os.path.join(out, f"digit_{i}.png"))
+        PIL.Image.fromarray(np.asarray(image)).save(files[-1])
+    run_attention(model_path, files, os.path.join(out, "attention"))
+    return metrics
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class Splits:
     crop_area: tuple = (0.05, 1.0)
 
 
-def digits(seed=0):
+def digits():
     """scikit-learn's 1,797 handwritten 8x8 digits (offline); a fifth held out for test."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -38,11 +38,12 @@ def digits(seed=0):
     data = load_digits()
     images = np.repeat((data.images * (255.0 / 16.0)).round().astype("uint8")[..., None], 3, -1)
     labels = data.target.astype("int64")
+    # The split is fixed (seed 0) whatever the training seed, so results compare.
     x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=0.2, stratify=labels, random_state=seed
+        images, labels, test_size=0.2, stratify=labels, random_state=0
     )
     x_train, x_val, y_train, y_val = train_test_split(
-        x_train, y_train, test_size=0.1, stratify=y_train, random_state=seed
+        x_train, y_train, test_size=0.1, stratify=y_train, random_state=0
     )
     ds = tf.data.Dataset.from_tensor_slices
     return Splits(
@@ -131,24 +132,37 @@ def tfds_dataset(name, data_dir=None, download=False):
     )
 
 
-def load(dataset, data_dir=None, download=False, seed=0):
+def load(dataset, data_dir=None, download=False):
     """Returns the `Splits` of `digits`, a folder of class folders, or a TFDS name."""
     if dataset == "digits":
-        return digits(seed)
+        return digits()
     if os.path.isdir(dataset):
-        return image_folder(dataset, seed)
+        return image_folder(dataset)
     if os.sep in dataset or dataset.startswith("."):
         raise ValueError(f"Unknown dataset {dataset!r}: no such folder.")
     return tfds_dataset(dataset, data_dir, download)
 
 
+def pixels(ds, image_size, count=None):
+    """Up to `count` images of a split as uint8 pixels `[n, H, W, 3]` at `image_size`, and their labels."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if count is not None:
+        ds = ds.take(count)
+    ds = ds.map(
+        lambda x, y: (tf.cast(tf.round(tf.clip_by_value(
+            tf.image.resize(_decode(x), (height, width), antialias=True), 0, 255)), tf.uint8), y),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    images, labels = zip(*ds.as_numpy_iterator())
+    return np.stack(images), np.array(labels)
+
+
 def _decode(image):
     if image.dtype == tf.string:
         image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    image = tf.ensure_shape(image, [None, None, None])
-    if image.shape[-1] == 1:
-        image = tf.image.grayscale_to_rgb(image)
-    return image
+    if image.shape.rank == 2 or image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(tf.reshape(image, tf.concat([tf.shape(image)[:2], [1]], 0)))
+    return tf.ensure_shape(image, [None, None, 3])
 
 
 def _random_crop(image, area_range, seed=None):
@@ -188,7 +202,7 @@ def make_pipeline(
             if flip:
                 image = tf.image.random_flip_left_right(image)
         image = tf.image.resize(image, (height, width), antialias=True)
-        image = tf.clip_by_value(image, 0.0, 255.0)
+        image = tf.ensure_shape(tf.clip_by_value(image, 0.0, 255.0), [height, width, 3])
         return image, tf.one_hot(label, num_classes)
 
     if training:

@@ -226,7 +226,7 @@ def train(
     # Only the chief writes to `out`; other workers write to a scratch folder.
     out_dir = out if is_chief else os.path.join(out, f".worker-{distribute.task_id()}")
     os.makedirs(out_dir, exist_ok=True)
-    splits = data_lib.load(dataset, data_dir=data_dir, download=download, seed=seed)
+    splits = data_lib.load(dataset, data_dir=data_dir, download=download)
     num_classes = len(splits.class_names)
     steps_per_epoch = splits.num_train // batch_size
     if steps_per_epoch < 1:
