@@ -195,3 +195,51 @@ def test_export_command(demo_model, tmp_path):
         [sys.executable, "-m", "vit_keras.cli", "export", "--model", str(out / "model.keras"),
          "--format", "saved_model", "--out", str(tmp_path / "sm")], capture_output=True, text=True)
     assert again.returncode == 0 and (tmp_path / "sm" / "vit-hybrid-tiny" / "1" / "saved_model.pb").exists()
+
+
+def parse_wire(data):
+    """A minimal protobuf wire-format reader: {field number: [raw values]} (for checking only)."""
+    fields, i = {}, 0
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            n = varint()
+            value, i = data[i:i + n], i + n
+        elif wire == 0:
+            value = varint()
+        else:
+            raise AssertionError(f"unexpected wire type {wire}")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def test_serving_warmup_file(demo_model, tmp_path):
+    _, model = demo_model
+    path = export.export_saved_model(model, str(tmp_path), name="digits")
+    records = list(tf.data.TFRecordDataset(os.path.join(path, "assets.extra", "tf_serving_warmup_requests")))
+    assert len(records) == 1
+    log = parse_wire(records[0].numpy())
+    request = parse_wire(parse_wire(log[6][0])[1][0])
+    spec = parse_wire(request[1][0])
+    assert spec[1] == [b"digits"] and spec[3] == [b"serving_default"]
+    entry = parse_wire(request[2][0])
+    assert entry[1] == [b"image_bytes"]
+    from tensorflow.core.framework import tensor_pb2
+
+    proto = tensor_pb2.TensorProto.FromString(entry[2][0])
+    blobs = tf.make_ndarray(proto)
+    out = tf.saved_model.load(path).signatures["serving_default"](image_bytes=tf.constant(blobs))
+    assert out["probabilities"].shape == (1, 10)

