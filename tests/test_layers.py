@@ -20,6 +20,8 @@ LAYERS = [
     (layers.Block(num_heads=2, mlp_dim=32, dropout=0.1), (2, 5, 16)),
     (layers.Encoder(num_layers=2, num_heads=2, mlp_dim=32), (2, 5, 16)),
     (layers.ExtractToken(), (2, 5, 16)),
+    (layers.GroupNorm(groups=4), (2, 6, 5, 16)),
+    (layers.ClassifierHead(3, class_names=["a", "b", "c"]), (2, 16)),
 ]
 
 
@@ -90,3 +92,21 @@ def test_indivisible_image_size_is_refused():
         vit_keras.vit_r50_b16(image_size=200, pretrained=False)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         layers.Attention(num_heads=3)(np.zeros((1, 2, 8), "float32"))
+
+
+def test_group_norm_matches_numpy_and_keras():
+    rng = np.random.default_rng(4)
+    x = rng.normal(3.0, 2.0, size=(2, 5, 7, 64)).astype("float32")
+    gn = layers.GroupNorm(groups=32)
+    gn.build(x.shape)
+    gn.scale.assign(rng.normal(1, 0.2, 64).astype("float32"))
+    gn.bias.assign(rng.normal(0, 0.2, 64).astype("float32"))
+    g = x.reshape(2, 5, 7, 32, 2)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = g.var(axis=(1, 2, 4), keepdims=True)
+    ref = ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * gn.scale.numpy() + gn.bias.numpy()
+    assert_close(gn(x), ref, 1e-5)
+    keras_gn = keras.layers.GroupNormalization(groups=32, epsilon=1e-6)
+    keras_gn.build(x.shape)
+    keras_gn.set_weights(gn.get_weights())
+    assert_close(gn(x), keras_gn(x), 1e-5)

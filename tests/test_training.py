@@ -25,7 +25,7 @@ def test_digits_run_writes_everything(tmp_path):
     assert metrics == result.metrics
     for key in ("test_top1", "test_top5", "epochs", "steps", "wall_seconds"):
         assert key in metrics
-    assert metrics["steps"] == 1294 // 32 and metrics["epochs"] == 1
+    assert metrics["steps"] == data.load("digits").num_train // 32 and metrics["epochs"] == 1
     assert 0.0 <= metrics["test_top1"] <= metrics["test_top5"] <= 1.0
     for name in ("model.keras", "last.keras", "best.keras", "log.csv"):
         assert (tmp_path / name).exists(), name
@@ -126,26 +126,29 @@ def _state(out):
 
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     out = tmp_path / "run"
+    per_epoch = data.load("digits").num_train // 32
+    total = 2 * per_epoch
+    every = 5 if per_epoch % 5 else 7  # backups never fall on an epoch boundary before the end
     cmd = [sys.executable, "-m", "vit_keras.cli", "train", "--model", "vit_hybrid_tiny",
            "--dataset", "digits", "--image-size", "64", "--epochs", "2", "--batch-size", "32",
-           "--backup-every", "7", "--out", str(out)]
+           "--backup-every", str(every), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while _state(out) < 14 and proc.poll() is None and time.time() < deadline:
+    while _state(out) < 2 * every and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = _state(out)
-    assert 14 <= killed_at < 80 and killed_at % 40, f"backup at step {killed_at} is not mid-run"
+    assert 2 * every <= killed_at < total and killed_at % per_epoch, f"backup at step {killed_at} is not mid-run"
     assert not (out / "metrics.json").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"Resuming {out} at step {killed_at} of 80" in done.stderr
+    assert f"Resuming {out} at step {killed_at} of {total}" in done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 80 and metrics["resumed_from_step"] == killed_at
+    assert metrics["steps"] == total and metrics["resumed_from_step"] == killed_at
     model = keras.saving.load_model(out / "model.keras")
     # The optimizer state came back too: its step counter saw every step once.
-    assert int(model.optimizer.iterations.numpy()) == 80
+    assert int(model.optimizer.iterations.numpy()) == total
 
 
 def test_unknown_model_and_precision(tmp_path):

@@ -45,7 +45,7 @@ def digits():
         images, labels, test_size=0.2, stratify=labels, random_state=0
     )
     x_train, x_val, y_train, y_val = train_test_split(
-        x_train, y_train, test_size=0.1, stratify=y_train, random_state=0
+        x_train, y_train, test_size=0.05, stratify=y_train, random_state=0
     )
     ds = tf.data.Dataset.from_tensor_slices
     return Splits(
@@ -167,11 +167,12 @@ def _decode(image):
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def _random_crop(image, area_range, seed=None):
+def _random_crop(image, area_range, seed):
     """The original recipe's inception crop: a random box of the given share of the area."""
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed,
         area_range=area_range,
         aspect_ratio_range=(3 / 4, 4 / 3),
         min_object_covered=0,
@@ -197,12 +198,18 @@ def make_pipeline(
     """Decode -> (crop, flip) -> resize -> batch -> (RandAugment) -> [-1, 1] -> (MixUp/CutMix)."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
 
-    def prepare(image, label):
+    def prepare(index, example):
+        image, label = example
         image = _decode(image)
         if training:
-            image = _random_crop(image, crop_area)
+            # Stateless randomness keyed by (seed, element index): the same run augments the
+            # same way whatever the thread interleaving, and every epoch differently.
+            crop_seed, flip_seed = tf.unstack(
+                tf.random.experimental.stateless_split(tf.stack([tf.cast(seed, tf.int64), index]), 2)
+            )
+            image = _random_crop(image, crop_area, crop_seed)
             if flip:
-                image = tf.image.random_flip_left_right(image)
+                image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         image = tf.image.resize(image, (height, width), antialias=True)
         image = tf.ensure_shape(tf.clip_by_value(image, 0.0, 255.0), [height, width, 3])
         return image, tf.one_hot(label, num_classes)
@@ -211,7 +218,7 @@ def make_pipeline(
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)
     if training and randaugment:
         import keras

@@ -8,6 +8,7 @@ from vit_keras.layers.attention import Attention
 from vit_keras.layers.block import Block
 from vit_keras.layers.embeddings import Embeddings
 from vit_keras.layers.encoder import Encoder
+from vit_keras.layers.group_norm import GroupNorm
 from vit_keras.layers.head import ClassifierHead
 from vit_keras.layers.mlp import Mlp
 from vit_keras.layers.pooling import ExtractToken
@@ -21,6 +22,7 @@ __all__ = [
     "Embeddings",
     "Encoder",
     "ExtractToken",
+    "GroupNorm",
     "Mlp",
     "ResNet",
     "ResNetUnit",

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from vit_keras.layers.group_norm import GroupNorm
 from vit_keras.layers.std_conv import StdConv2D
 
 GN_GROUPS = 32
@@ -10,9 +11,7 @@ GN_EPSILON = 1e-6
 
 
 def _group_norm(name):
-    return keras.layers.GroupNormalization(
-        groups=GN_GROUPS, epsilon=GN_EPSILON, name=name
-    )
+    return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, name=name)
 
 
 def _std_conv(filters, kernel_size, strides, name):
