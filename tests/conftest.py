@@ -13,6 +13,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
+
+# Scripts that tests run in subprocesses; importing them (--doctest-modules) would run them.
+collect_ignore = ["distributed_run.py", "upstream_multi_worker.py"]
 CASES = {"tiny_vit": 32, "tiny_r50": 64, "tiny_r50_posemb": 96}
 
 

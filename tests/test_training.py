@@ -105,6 +105,12 @@ def test_fine_tune_from_checkpoint_new_classes_and_resolution(tmp_path, tiny_r50
     np.testing.assert_allclose(emb.pos_embedding.numpy(), resize_posemb(params[POSEMB_KEY], (2, 3)), atol=1e-6)
 
 
+def test_xla_training(tmp_path):
+    result = training.train(dataset="digits", out=str(tmp_path), epochs=1, jit_compile=True, **TINY)
+    assert result.model.jit_compile is True
+    assert result.metrics["test_top1"] > 0.2  # one epoch of a 2-layer ViT already beats chance (0.1)
+
+
 def test_mixed_bfloat16_keeps_float32_where_needed(tmp_path):
     result = training.train(dataset="digits", out=str(tmp_path), epochs=1, precision="mixed_bfloat16", **TINY)
     model = result.model

@@ -276,7 +276,7 @@ def train(
     epoch, done_in_epoch = divmod(step, steps_per_epoch)
     if verbose == "auto":  # one line per epoch where no terminal redraws the bar
         verbose = 1 if sys.stdout.isatty() else 2
-    fit = dict(validation_data=val_ds, callbacks=callbacks, verbose=verbose)
+    fit = dict(validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)  # tf.data shuffles
     if done_in_epoch:  # finish the interrupted epoch, then the rest
         net.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1,
                 steps_per_epoch=steps_per_epoch - done_in_epoch, **fit)
