@@ -42,7 +42,7 @@ def main():
         head.kernel.assign(rng.normal(0, 0.05, head.kernel.shape).astype("float32"))
         keras_fn = tf.function(lambda v: model(v, training=False))
         keras_s = timed(lambda: keras_fn(x / 127.5 - 1).numpy())
-        reference = np.asarray(export._probabilities(model, x))
+        reference = np.asarray(export.probabilities(model, x))
         rows.append({"model": name, "variant": "keras (float32)", "latency ms": f"{keras_s * 1e3:.1f}",
                      "size MB": f"{sum(w.size for w in model.get_weights()) * 4 / 2**20:.1f}",
                      "convert s": "", "max |p - keras|": ""})

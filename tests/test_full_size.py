@@ -21,7 +21,7 @@ def test_full_size_tflite(builder):
     head = model.get_layer("head")
     head.kernel.assign(rng.normal(0, 0.05, head.kernel.shape).astype("float32"))
     x = rng.uniform(0, 255, (1, 224, 224, 3)).astype("float32")
-    reference = np.asarray(export._probabilities(model, x))
+    reference = np.asarray(export.probabilities(model, x))
     for variant in ("float32", "dynamic_int8"):
         probs = export.tflite_predict(export.convert_tflite(model, variant), x)
         tolerance = 1e-4 if variant == "float32" else 5e-2

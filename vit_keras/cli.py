@@ -116,7 +116,7 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
     from vit_keras.vit import preprocess_inputs
 
     model = keras.saving.load_model(model_path) if isinstance(model_path, str) else model_path
-    names = export._names(model)
+    names = export.label_names(model)
     height, width = model.input_shape[1:3]
     os.makedirs(out, exist_ok=True)
     written = []
@@ -130,7 +130,7 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
             raise ValueError(f"{path}: {reason}") from None
         x = preprocess_inputs(pixels)
         heat = visualize.attention_heatmap(model, x, head_fusion, discard_ratio)[0]
-        probs = np.asarray(export._probabilities(model, pixels))[0]
+        probs = np.asarray(export.probabilities(model, pixels))[0]
         top = [(names[i], float(probs[i])) for i in np.argsort(-probs)[:3]]
         target = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
         visualize.save_overlay(np.asarray(pixels[0]).astype("uint8"), heat, target, predictions=top)

@@ -4,6 +4,7 @@ Both take pixels or encoded images and do the preprocessing inside, so a
 client sends what it has (JPEG bytes, camera pixels) and gets probabilities.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -46,13 +47,14 @@ def float32_copy(model):
     return copy
 
 
-def _names(model, class_names=None):
+def label_names(model, class_names=None):
+    """The class names to serve: given ones, those in the model's head, or "0".."C-1"."""
     names = class_names or model_class_names(model)
     classes = model.output_shape[-1]
     return list(names) if names else [str(i) for i in range(classes)]
 
 
-def _probabilities(model, pixels):
+def probabilities(model, pixels):
     """Pixels 0..255 -> class probabilities (softmax of logits; as-is for softmax/sigmoid heads)."""
     outputs = model(preprocess_inputs(pixels), training=False)
     try:
@@ -127,32 +129,26 @@ def decode_images(image_bytes, image_size, max_pixels=MAX_PIXELS):
     return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32))
 
 
+@contextlib.contextmanager
 def _atomic_dir(final, overwrite):
-    """Context: yields a temporary folder beside `final` that replaces it on success."""
-
-    class _Ctx:
-        def __enter__(self):
-            if os.path.exists(final) and not overwrite:
-                raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it.")
-            os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-            self.tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(final)))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            old = None
-            if os.path.exists(final):
-                old = final + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-            os.rename(self.tmp, final)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-            return False
-
-    return _Ctx()
+    """Yields a temporary folder beside `final` that replaces it only if the block succeeds."""
+    if os.path.exists(final) and not overwrite:
+        raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to replace it.")
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final + ".old" if os.path.exists(final) else None
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- SavedModel
@@ -178,7 +174,7 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
     model = float32_copy(model)
     name = name or model.name
     final = os.path.join(out_dir, name, str(version))
-    names = _names(model, class_names)
+    names = label_names(model, class_names)
     k = min(top_k, len(names))
     height, width = model.input_shape[1:3]
     grid = visualize.grid_shape(model)
@@ -186,7 +182,7 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
     labels_table = tf.constant(names)
 
     def outputs(pixels):
-        probs = _probabilities(model, pixels)
+        probs = probabilities(model, pixels)
         scores, classes = tf.math.top_k(probs, k=k)
         return {"probabilities": probs, "classes": classes, "labels": tf.gather(labels_table, classes),
                 "scores": scores}
@@ -268,7 +264,7 @@ def _tflite_fn(model, dtype):
 
     @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], dtype, name="images")])
     def predict(images):
-        return {"probabilities": _probabilities(model, tf.cast(images, tf.float32))}
+        return {"probabilities": probabilities(model, tf.cast(images, tf.float32))}
 
     return predict
 
@@ -340,7 +336,7 @@ def tflite_predict(path_or_bytes, images, num_threads=2):
 def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_images=None,
                   class_names=None, overwrite=False):
     """Writes `<variant>.tflite` files and `class_names.json` into `out_dir`, atomically."""
-    names = _names(model, class_names)
+    names = label_names(model, class_names)
     written = {}
     with _atomic_dir(out_dir, overwrite) as tmp:
         for variant in variants:
@@ -356,7 +352,7 @@ def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_image
 def parity_table(model, tflite_files, images, labels=None):
     """Compares each TFLite file with Keras on `images` (uint8 pixels); returns rows of dicts."""
     images = np.asarray(images)
-    reference = np.asarray(_probabilities(float32_copy(model), tf.constant(images, tf.float32)))
+    reference = np.asarray(probabilities(float32_copy(model), tf.constant(images, tf.float32)))
     rows = []
     for variant, path in tflite_files.items():
         probs = tflite_predict(path, images.astype("uint8") if variant == "int8" else images.astype("float32"))
