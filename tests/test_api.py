@@ -37,3 +37,11 @@ def test_default_model_has_one_output_and_attention_model_shares_weights():
     np.testing.assert_allclose(out, model(x), atol=1e-6)
     assert len(weights) == 12 and weights[0].shape == (2, 3, 5, 5)
     np.testing.assert_allclose(np.asarray(weights[3]).sum(-1), 1.0, atol=1e-5)
+
+
+def test_wrong_image_size_names_both_sizes():
+    import pytest
+
+    model = vit_keras.vit_ti16(image_size=32, classes=4, pretrained=False)
+    with pytest.raises(ValueError, match=r"expected shape=\(None, 32, 32, 3\), found shape=\(1, 48, 48, 3\)"):
+        model(np.zeros((1, 48, 48, 3), "float32"))
