@@ -162,3 +162,15 @@ def test_unknown_model_and_precision(tmp_path):
         training.train(model="vit_x", out=str(tmp_path), epochs=1)
     with pytest.raises(ValueError, match="Unknown precision"):
         training.train(precision="fp8", out=str(tmp_path))
+
+
+def test_continue_from_keras_file(tmp_path):
+    first = training.train(dataset="digits", out=str(tmp_path / "a"), epochs=1, **TINY)
+    path = str(tmp_path / "a" / "model.keras")
+    kwargs = {k: v for k, v in TINY.items() if k != "model"}
+    again = training.train(model=path, dataset="digits", out=str(tmp_path / "b"), epochs=1, **kwargs)
+    assert again.metrics["steps"] == first.metrics["steps"]
+    folder = make_folder(tmp_path / "images")
+    with pytest.raises(ValueError, match="has 10 outputs but the dataset has 2 classes"):
+        training.train(model=path, dataset=str(folder), out=str(tmp_path / "c"), epochs=1,
+                       **dict(kwargs, batch_size=4))

@@ -144,7 +144,12 @@ class BestAndLast(keras.callbacks.Callback):
 def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
     """A builder or small-config name, a `.keras` file, or a dict of `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
-        return keras.saving.load_model(spec)
+        model = keras.saving.load_model(spec)
+        if model.output_shape[-1] != num_classes:
+            raise ValueError(
+                f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
+            )
+        return model
     if isinstance(spec, str):
         config = {**presets.CONFIGS, **presets.SMALL_CONFIGS}.get(spec)
         if config is None:
