@@ -9,7 +9,6 @@ import tempfile
 import time
 
 import numpy as np
-import pytest
 
 HERE = os.path.dirname(__file__)
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import keras
 import numpy as np
 import PIL.Image
 import pytest

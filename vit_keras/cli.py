@@ -113,9 +113,11 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
     import tensorflow as tf
 
     from vit_keras import export, visualize
+    from vit_keras.model import attention_model
     from vit_keras.vit import preprocess_inputs
 
     model = keras.saving.load_model(model_path) if isinstance(model_path, str) else model_path
+    attn = attention_model(model)  # built once: one forward pass gives logits and weights
     names = export.label_names(model)
     height, width = model.input_shape[1:3]
     os.makedirs(out, exist_ok=True)
@@ -128,9 +130,9 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
             lines = [line.strip() for line in e.message.splitlines() if line.strip()]
             reason = next((line for line in lines if "image_bytes:" in line), lines[-1])
             raise ValueError(f"{path}: {reason}") from None
-        x = preprocess_inputs(pixels)
-        heat = visualize.attention_heatmap(model, x, head_fusion, discard_ratio)[0]
-        probs = np.asarray(export.probabilities(model, pixels))[0]
+        outputs, weights = attn(preprocess_inputs(pixels), training=False)
+        heat = visualize.heatmap_from_weights(model, weights, head_fusion, discard_ratio)[0]
+        probs = np.asarray(export.as_probabilities(model, outputs))[0]
         top = [(names[i], float(probs[i])) for i in np.argsort(-probs)[:3]]
         target = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
         visualize.save_overlay(np.asarray(pixels[0]).astype("uint8"), heat, target, predictions=top)

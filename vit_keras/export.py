@@ -56,7 +56,11 @@ def label_names(model, class_names=None):
 
 def probabilities(model, pixels):
     """Pixels 0..255 -> class probabilities (softmax of logits; as-is for softmax/sigmoid heads)."""
-    outputs = model(preprocess_inputs(pixels), training=False)
+    return as_probabilities(model, model(preprocess_inputs(pixels), training=False))
+
+
+def as_probabilities(model, outputs):
+    """The model's outputs -> probabilities, by the head's activation."""
     try:
         activation = model.get_layer("head").activation.__name__
     except ValueError:

@@ -36,6 +36,9 @@ SMALL_CONFIGS = {
 }
 
 
+ALL_CONFIGS = {**CONFIGS, **SMALL_CONFIGS}
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """One published checkpoint: where it is and what it expects."""

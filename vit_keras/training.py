@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import keras
-import tensorflow as tf
 
 from vit_keras import data as data_lib
 from vit_keras import distribute, presets
@@ -77,12 +76,11 @@ class ResumableBackup(keras.callbacks.Callback):
     batch; this one records the exact step so `train` resumes mid-epoch.
     """
 
-    def __init__(self, directory, every, start_step=0, elapsed=0.0):
+    def __init__(self, directory, every):
         super().__init__()
         self.directory = directory
         self.every = every
-        self.step = start_step
-        self.elapsed = elapsed
+        self.step, self.elapsed = 0, 0.0  # restored by `restore`
         self.started = time.time()
 
     @property
@@ -103,6 +101,7 @@ class ResumableBackup(keras.callbacks.Callback):
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.weights_path)
         self.step, self.elapsed = state["step"], state["elapsed"]
+        self.started = time.time()
         return self.step, self.elapsed
 
     def on_train_batch_end(self, batch, logs=None):
@@ -151,9 +150,9 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
             )
         return model
     if isinstance(spec, str):
-        config = {**presets.CONFIGS, **presets.SMALL_CONFIGS}.get(spec)
+        config = presets.ALL_CONFIGS.get(spec)
         if config is None:
-            known = ", ".join(sorted({**presets.CONFIGS, **presets.SMALL_CONFIGS}))
+            known = ", ".join(sorted(presets.ALL_CONFIGS))
             raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
         config = dict(config, name=spec.replace("_", "-"))
         if weights in presets.WEIGHT_NAMES:
@@ -162,9 +161,7 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
             weights = checkpoint.resolve(weights, model=spec)
     else:
         config = dict(spec)
-    config.setdefault("image_size", image_size or 224)
-    if image_size:
-        config["image_size"] = image_size
+    config["image_size"] = image_size or config.get("image_size", 224)
     config.update(classes=num_classes, class_names=class_names, dropout=dropout)
     if weights:
         config["weights"] = weights
@@ -267,11 +264,9 @@ def train(
     test_ds = data_lib.make_pipeline(splits.test, **pipe)
 
     backup = ResumableBackup(os.path.join(out_dir, "backup"), backup_every or steps_per_epoch)
-    step, elapsed = backup.restore(net)
-    resumed_from = step
+    resumed_from = step = backup.restore(net)[0]
     if step:
         logger.warning("Resuming %s at step %d of %d.", out, step, total_steps)
-    backup.started = time.time()
     callbacks = [
         backup,
         BestAndLast(out_dir),

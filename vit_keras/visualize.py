@@ -65,6 +65,11 @@ def attention_heatmap(model, images, head_fusion="mean", discard_ratio=0.0):
         head_fusion, discard_ratio: see `rollout`.
     """
     _, weights = attention_model(model)(images, training=False)
+    return heatmap_from_weights(model, weights, head_fusion, discard_ratio)
+
+
+def heatmap_from_weights(model, weights, head_fusion="mean", discard_ratio=0.0):
+    """`attention_heatmap` for attention weights already computed by `attention_model(model)`."""
     grid = rollout_grid(weights, grid_shape(model), head_fusion, discard_ratio)
     height, width = model.input_shape[1:3]
     maps = ops.image.resize(grid[..., None], (height, width), interpolation="bilinear")
