@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean bench bench-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,5 +21,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Inference benchmark against timm and the older vit-keras (benchmarks/inference.py).
+# The old vit-keras has our import name, so it goes into a folder of its own.
+OLD_VIT_KERAS := .bench/old-vit-keras
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -e '.[cpu,bench]'
+	test -d $(OLD_VIT_KERAS) || $(PY) -m pip install -q --no-deps --target $(OLD_VIT_KERAS) \
+		vit-keras==0.2.0 tf-keras==2.21.0 validators==0.36.0 opencv-python-headless==5.0.0.93
+
+bench: bench-deps
+	$(PY) benchmarks/inference.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .bench

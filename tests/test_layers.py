@@ -110,3 +110,17 @@ def test_group_norm_matches_numpy_and_keras():
     keras_gn.build(x.shape)
     keras_gn.set_weights(gn.get_weights())
     assert_close(gn(x), keras_gn(x), 1e-5)
+
+
+def test_group_norm_is_stable_far_from_zero():
+    """Channel means far from zero and unequal within a group: the per-channel statistics
+    combine into the group's variance exactly (law of total variance), with no cancellation."""
+    rng = np.random.default_rng(5)
+    offsets = rng.normal(0, 50, size=(1, 1, 1, 16)) + 1000
+    x = (rng.normal(0, 0.01, size=(3, 9, 9, 16)) + offsets).astype("float32")
+    gn = layers.GroupNorm(groups=4)
+    gn.build(x.shape)
+    g = x.astype("float64").reshape(3, 9, 9, 4, 4)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    ref = ((g - mean) / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + 1e-6)).reshape(x.shape)
+    assert_close(gn(x), ref, 1e-4)

@@ -88,3 +88,28 @@ def test_include_top_false_outputs_class_token(case):
 )
 def test_full_size_parameter_counts(builder, expected):
     assert builder(image_size=224, classes=1000, pretrained=False).count_params() == expected
+
+
+def test_folded_weight_standardization(tiny_r50):
+    """The inference copy with kernels standardised once reproduces the original's outputs."""
+    model = tiny_r50.model()
+    folded = vit_keras.fold_weight_standardization(model)
+    assert folded is not model
+    assert_close(folded(tiny_r50.images), tiny_r50.expected["logits"], 2e-5, "logits")
+    got = intermediates(folded, tiny_r50.images)
+    for key in [k for k in tiny_r50.expected if k.startswith("resnet/")]:
+        ref = tiny_r50.expected[key]
+        assert_close(got[key], ref, 1e-4 * np.abs(ref).max(), key)
+    # Each stored kernel is now standardised: zero mean, unit std per output channel.
+    conv = folded.get_layer("embeddings").resnet.units[0].conv2
+    kernel = np.asarray(conv.kernel).reshape(-1, conv.filters)
+    np.testing.assert_allclose(kernel.mean(axis=0), 0, atol=1e-6)
+    np.testing.assert_allclose(kernel.std(axis=0), 1, atol=1e-3)
+    # The original keeps its raw kernels.
+    raw = np.asarray(model.get_layer("embeddings").resnet.units[0].conv2.kernel)
+    assert not np.allclose(raw, kernel.reshape(raw.shape))
+
+
+def test_nothing_to_fold_without_resnet(tiny_vit):
+    model = tiny_vit.model()
+    assert vit_keras.fold_weight_standardization(model) is model

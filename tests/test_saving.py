@@ -36,3 +36,16 @@ def test_attention_model_of_reloaded_model(tiny_vit, tmp_path):
     logits, weights = vit_keras.attention_model(reloaded)(tiny_vit.images)
     assert_close(weights[1], tiny_vit.expected["attn_1"], 1e-5)
     assert_close(logits, tiny_vit.expected["logits"], 2e-5)
+
+
+def test_folded_model_reloads_folded(tiny_r50, tmp_path):
+    """The folded copy's config says its kernels are standardised, so a reload does not redo it."""
+    import keras
+
+    folded = vit_keras.fold_weight_standardization(tiny_r50.model())
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert reloaded.get_layer("embeddings").resnet.units[0].conv1.prestandardized
+    assert_close(reloaded(tiny_r50.images), tiny_r50.expected["logits"], 2e-5)
+    assert vit_keras.fold_weight_standardization(reloaded) is reloaded

@@ -6,7 +6,7 @@
 
 from vit_keras import layers, presets, utils, vit
 from vit_keras.checkpoint import load_npz
-from vit_keras.model import attention_model, build_model
+from vit_keras.model import attention_model, build_model, fold_weight_standardization
 from vit_keras.utils import get_imagenet_classes
 from vit_keras.vit import (
     BUILDERS,
@@ -28,6 +28,7 @@ __all__ = [
     "BUILDERS",
     "attention_model",
     "build_model",
+    "fold_weight_standardization",
     "get_imagenet_classes",
     "layers",
     "load_npz",

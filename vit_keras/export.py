@@ -15,7 +15,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vit_keras.model import attention_model, class_names as model_class_names
+from vit_keras.model import (
+    attention_model,
+    class_names as model_class_names,
+    copy_model,
+    fold_weight_standardization,
+)
 from vit_keras.vit import preprocess_inputs
 
 logger = logging.getLogger("vit_keras")
@@ -34,17 +39,11 @@ def float32_copy(model):
         return model
 
     def as_float32(config):
-        if isinstance(config, dict):
-            if config.get("class_name") == "DTypePolicy":
-                return {**config, "config": {**config["config"], "name": "float32"}}
-            return {k: as_float32(v) for k, v in config.items()}
-        if isinstance(config, list):
-            return [as_float32(v) for v in config]
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config["config"], "name": "float32"}}
         return config
 
-    copy = model.__class__.from_config(as_float32(model.get_config()))
-    copy.set_weights([np.asarray(w, "float32") for w in model.get_weights()])
-    return copy
+    return copy_model(model, as_float32, [np.asarray(w, "float32") for w in model.get_weights()])
 
 
 def label_names(model, class_names=None):
@@ -175,7 +174,7 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
     """
     from vit_keras import visualize
 
-    model = float32_copy(model)
+    model = fold_weight_standardization(float32_copy(model))
     name = name or model.name
     final = os.path.join(out_dir, name, str(version))
     names = label_names(model, class_names)

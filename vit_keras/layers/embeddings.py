@@ -25,6 +25,8 @@ class Embeddings(keras.layers.Layer):
         resnet_layers: tuple of int or None. Units per ResNet stage; None for
             the plain ViT. Defaults to None.
         resnet_width_factor: float. ResNet width multiplier. Defaults to 1.
+        prestandardized: bool. The ResNet's stored conv kernels are already
+            standardised (see `StdConv2D`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -40,6 +42,7 @@ class Embeddings(keras.layers.Layer):
         dropout=0.0,
         resnet_layers=None,
         resnet_width_factor=1,
+        prestandardized=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -48,6 +51,7 @@ class Embeddings(keras.layers.Layer):
         self.dropout = dropout
         self.resnet_layers = None if resnet_layers is None else tuple(resnet_layers)
         self.resnet_width_factor = resnet_width_factor
+        self.prestandardized = prestandardized
 
     @property
     def stride(self):
@@ -75,7 +79,10 @@ class Embeddings(keras.layers.Layer):
         shape = input_shape
         if self.resnet_layers is not None:
             self.resnet = ResNet(
-                self.resnet_layers, self.resnet_width_factor, name="resnet"
+                self.resnet_layers,
+                self.resnet_width_factor,
+                self.prestandardized,
+                name="resnet",
             )
             self.resnet.build(shape)
             shape = self.resnet.compute_output_shape(shape)
@@ -128,6 +135,7 @@ class Embeddings(keras.layers.Layer):
                 if self.resnet_layers is None
                 else list(self.resnet_layers),
                 "resnet_width_factor": self.resnet_width_factor,
+                "prestandardized": self.prestandardized,
             }
         )
         return config

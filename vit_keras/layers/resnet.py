@@ -14,7 +14,7 @@ def _group_norm(name):
     return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, name=name)
 
 
-def _std_conv(filters, kernel_size, strides, name):
+def _std_conv(filters, kernel_size, strides, name, prestandardized):
     return StdConv2D(
         filters,
         kernel_size,
@@ -22,6 +22,7 @@ def _std_conv(filters, kernel_size, strides, name):
         padding="same",
         use_bias=False,
         kernel_initializer="lecun_normal",
+        prestandardized=prestandardized,
         name=name,
     )
 
@@ -38,6 +39,8 @@ class ResNetUnit(keras.layers.Layer):
         filters: int. Width of the bottleneck (conv1 and conv2); GroupNorm(32)
             needs a multiple of 32.
         strides: int. Stride of conv2 and of the projection. Defaults to 1.
+        prestandardized: bool. The convs' stored kernels are already
+            standardised (see `StdConv2D`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -46,31 +49,32 @@ class ResNetUnit(keras.layers.Layer):
     (1, 8, 8, 128)
     """
 
-    def __init__(self, filters, strides=1, **kwargs):
+    def __init__(self, filters, strides=1, prestandardized=False, **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
         self.strides = strides
+        self.prestandardized = prestandardized
 
     def build(self, input_shape):
         out = 4 * self.filters
         self.needs_projection = input_shape[-1] != out or self.strides != 1
         f, s = self.filters, self.strides
         if self.needs_projection:
-            self.conv_proj = _std_conv(out, 1, s, "conv_proj")
+            self.conv_proj = _std_conv(out, 1, s, "conv_proj", self.prestandardized)
             self.conv_proj.build(input_shape)
             self.gn_proj = _group_norm("gn_proj")
             self.gn_proj.build(self.conv_proj.compute_output_shape(input_shape))
-        self.conv1 = _std_conv(f, 1, 1, "conv1")
+        self.conv1 = _std_conv(f, 1, 1, "conv1", self.prestandardized)
         self.conv1.build(input_shape)
         shape = self.conv1.compute_output_shape(input_shape)
         self.gn1 = _group_norm("gn1")
         self.gn1.build(shape)
-        self.conv2 = _std_conv(f, 3, s, "conv2")
+        self.conv2 = _std_conv(f, 3, s, "conv2", self.prestandardized)
         self.conv2.build(shape)
         shape = self.conv2.compute_output_shape(shape)
         self.gn2 = _group_norm("gn2")
         self.gn2.build(shape)
-        self.conv3 = _std_conv(out, 1, 1, "conv3")
+        self.conv3 = _std_conv(out, 1, 1, "conv3", self.prestandardized)
         self.conv3.build(shape)
         self.gn3 = _group_norm("gn3")
         self.gn3.build(self.conv3.compute_output_shape(shape))
@@ -94,7 +98,9 @@ class ResNetUnit(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"filters": self.filters, "strides": self.strides})
+        config.update(
+            {"filters": self.filters, "strides": self.strides, "prestandardized": self.prestandardized}
+        )
         return config
 
 
@@ -111,6 +117,8 @@ class ResNet(keras.layers.Layer):
     Args:
         block_units: tuple of int. Units per stage, e.g. `(3, 4, 9)` for R50.
         width_factor: float. Multiplies the base width 64. Defaults to 1.
+        prestandardized: bool. The convs' stored kernels are already
+            standardised (see `StdConv2D`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -119,10 +127,11 @@ class ResNet(keras.layers.Layer):
     (1, 4, 4, 256)
     """
 
-    def __init__(self, block_units, width_factor=1, **kwargs):
+    def __init__(self, block_units, width_factor=1, prestandardized=False, **kwargs):
         super().__init__(**kwargs)
         self.block_units = tuple(block_units)
         self.width_factor = width_factor
+        self.prestandardized = prestandardized
 
     @property
     def width(self):
@@ -133,7 +142,7 @@ class ResNet(keras.layers.Layer):
         return 4 * 2 ** (len(self.block_units) - 1)
 
     def build(self, input_shape):
-        self.conv_root = _std_conv(self.width, 7, 2, "conv_root")
+        self.conv_root = _std_conv(self.width, 7, 2, "conv_root", self.prestandardized)
         self.conv_root.build(input_shape)
         shape = self.conv_root.compute_output_shape(input_shape)
         self.gn_root = _group_norm("gn_root")
@@ -144,7 +153,10 @@ class ResNet(keras.layers.Layer):
             for u in range(1, count + 1):
                 strides = 2 if (s > 1 and u == 1) else 1
                 unit = ResNetUnit(
-                    self.width * 2 ** (s - 1), strides, name=f"block{s}_unit{u}"
+                    self.width * 2 ** (s - 1),
+                    strides,
+                    self.prestandardized,
+                    name=f"block{s}_unit{u}",
                 )
                 unit.build(shape)
                 shape = unit.compute_output_shape(shape)
@@ -178,6 +190,10 @@ class ResNet(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"block_units": list(self.block_units), "width_factor": self.width_factor}
+            {
+                "block_units": list(self.block_units),
+                "width_factor": self.width_factor,
+                "prestandardized": self.prestandardized,
+            }
         )
         return config

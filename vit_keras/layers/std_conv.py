@@ -18,9 +18,16 @@ def standardize_kernel(kernel):
 class StdConv2D(keras.layers.Conv2D):
     """A `Conv2D` whose kernel is weight-standardised before each convolution.
 
-    Takes exactly the arguments of `keras.layers.Conv2D`. The stored kernel is
-    the raw one (as in the original checkpoints); the standardised kernel is
-    `(w - mean) / (std + 1e-5)` per output channel, with the population std.
+    Takes the arguments of `keras.layers.Conv2D`, and one more. The stored
+    kernel is the raw one (as in the original checkpoints); the standardised
+    kernel is `(w - mean) / (std + 1e-5)` per output channel, with the
+    population std.
+
+    Args:
+        prestandardized: bool. The stored kernel is already standardised (in an
+            inference copy made by `vit_keras.fold_weight_standardization`),
+            so it is used as it is. Defaults to False.
+        *args, **kwargs: the arguments of `keras.layers.Conv2D`.
 
     Example:
     >>> conv = StdConv2D(8, 3, padding="same", use_bias=False)
@@ -28,6 +35,14 @@ class StdConv2D(keras.layers.Conv2D):
     (1, 8, 8, 8)
     """
 
+    def __init__(self, *args, prestandardized=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prestandardized = prestandardized
+
     def convolution_op(self, inputs, kernel):
-        kernel = standardize_kernel(ops.cast(kernel, "float32"))
+        if not self.prestandardized:
+            kernel = standardize_kernel(ops.cast(kernel, "float32"))
         return super().convolution_op(inputs, ops.cast(kernel, inputs.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "prestandardized": self.prestandardized}
