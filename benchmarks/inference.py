@@ -96,11 +96,16 @@ def make_fn(engine, name, batch, size, precision="float32"):
 
         return fn
     if engine.startswith("vit_keras"):
+        ref_dir = None
         if "@" in engine:  # the package as it was at a git ref, unpacked by main()
-            sys.path.insert(0, os.path.join(BENCH_DIR, "ref-" + engine.split("@", 1)[1]))
+            ref_dir = os.path.join(BENCH_DIR, "ref-" + engine.split("@", 1)[1])
+            sys.path.insert(0, ref_dir)
         import keras
 
         import vit_keras
+
+        if ref_dir and not vit_keras.__file__.startswith(ref_dir):
+            raise ImportError(f"imported {vit_keras.__file__}, not the package at {ref_dir}")
 
         if precision == "bfloat16":
             keras.mixed_precision.set_global_policy("mixed_bfloat16")
