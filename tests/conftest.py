@@ -16,7 +16,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
 
 # Scripts that tests run in subprocesses; importing them (--doctest-modules) would run them.
 collect_ignore = ["distributed_run.py", "upstream_multi_worker.py"]
-CASES = {"tiny_vit": 32, "tiny_r50": 64, "tiny_r50_posemb": 96}
+CASES = ["tiny_vit", "tiny_r50", "tiny_r50_posemb", "tiny_vit_gap", "tiny_rti"]
 
 
 class Case:
@@ -30,7 +30,8 @@ class Case:
         self.images = np.load(self.dir / "inputs.npz")["images"]
         with np.load(self.dir / "expected.npz") as e:
             self.expected = {k: e[k] for k in e.files}
-        self.image_size = self.meta["image_size_eval"]
+        size = self.meta["image_size_eval"]
+        self.image_size = size if isinstance(size, int) else tuple(size)
 
     def config(self, **overrides):
         """`build_model` arguments of this case's original config."""
@@ -49,6 +50,7 @@ class Case:
             representation_size=c["representation_size"],
             resnet_layers=resnet and tuple(resnet["num_layers"]),
             resnet_width_factor=resnet["width_factor"] if resnet else 1,
+            classifier=c.get("classifier", "token"),
         )
         args.update(overrides)
         return args

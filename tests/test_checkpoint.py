@@ -120,11 +120,28 @@ def test_every_preset_has_a_config_and_url():
     from vit_keras import presets
 
     for preset in presets.PRESETS:
-        assert preset.model in presets.CONFIGS
+        assert preset.model in presets.CONFIGS and preset.weights in presets.WEIGHT_NAMES
         assert preset.url.startswith("https://storage.googleapis.com/vit_models/")
-        assert preset.url.endswith(".npz")
-    for name in presets.CONFIGS:
-        assert {p.weights for p in presets.PRESETS if p.model == name} == set(presets.WEIGHT_NAMES)
+        assert preset.url.endswith(".npz") and preset.license == "Apache-2.0"
+    # The recommended AugReg files ("How to train your ViT") for every model the issue names.
+    for name in ("vit_ti16", "vit_s16", "vit_s32", "vit_b16", "vit_b32", "vit_l16", "vit_r_ti16",
+                 "vit_r26_s32", "vit_r50_l32"):
+        pretrained = presets.find_preset(name, "augreg_in21k")
+        assert pretrained.classes == 21843 and pretrained.resolution == 224
+        assert "-i21k-300ep-" in pretrained.url and "--imagenet2012" not in pretrained.url
+        finetuned = presets.find_preset(name, "augreg_in21k_ft_in1k", 384)
+        assert finetuned.url.startswith(pretrained.url[:-4] + "--imagenet2012-steps_20k-lr_")
+        assert finetuned.url.endswith("-res_384.npz") and finetuned.resolution == 384
+    # A name published at two resolutions gives the file of the requested one.
+    assert presets.find_preset("vit_b16", "augreg_in21k_ft_in1k", 224).url.endswith("res_224.npz")
+    assert presets.find_preset("vit_b16", "augreg_in21k_ft_in1k", (224, 224)).resolution == 224
+    assert presets.find_preset("vit_b16", "augreg_in21k_ft_in1k").resolution == 384
+    # The 2020 names keep working, ViT-H/14 included (pre-trained only).
+    assert presets.find_preset("vit_h14", "imagenet21k").url.endswith("imagenet21k/ViT-H_14.npz")
+    assert presets.find_preset("vit_r50_b16", "imagenet21k+imagenet2012").url.endswith(
+        "imagenet21k+imagenet2012/R50+ViT-B_16.npz")
+    assert presets.find_preset("vit_ti16", "imagenet21k").url == presets.find_preset("vit_ti16", "augreg_in21k").url
+    assert set(vit_keras.BUILDERS) == set(presets.CONFIGS)
 
 
 @pytest.fixture
@@ -147,14 +164,17 @@ def test_download_from_url(http_server, tiny_r50):
     url = f"{http_server}/tiny_r50/params.npz"
     model = vit_keras.build_model(weights=url, **tiny_r50.config())
     assert_close(model(tiny_r50.images), tiny_r50.expected["logits"], 2e-5)
-    cached = os.path.join(os.environ["KERAS_HOME"], "vit_keras", "params.npz")
+    from vit_keras import download
+
+    cached = download.cache_path(url)
+    assert cached.startswith(os.path.join(os.environ["KERAS_HOME"], "vit_keras"))
     assert os.path.getsize(cached) == tiny_r50.params.stat().st_size
     # load_npz takes URLs too.
     vit_keras.load_npz(model, url)
 
 
 def test_download_checksum_is_verified(http_server, tiny_vit, tmp_path):
-    from vit_keras import checkpoint, presets
+    from vit_keras import checkpoint, download, presets
 
     url = f"{http_server}/tiny_vit/params.npz"
     good = presets.Preset("tiny", "imagenet21k", url, 32, sha256=tiny_vit.meta["files"]["params.npz"]["sha256"])
@@ -162,7 +182,7 @@ def test_download_checksum_is_verified(http_server, tiny_vit, tmp_path):
     presets.PRESETS.extend([good, bad])
     try:
         assert checkpoint.resolve("imagenet21k", model="tiny").endswith("params.npz")
-        with pytest.raises(ValueError, match="(?i)hash|checksum|corrupt"):
+        with pytest.raises(download.DownloadError, match="(?i)corrupt: .*sha256"):
             checkpoint.resolve("imagenet21k+imagenet2012", model="tiny")
     finally:
         del presets.PRESETS[-2:]

@@ -29,7 +29,8 @@ def intermediates(model, images):
         tokens, out[f"attn_{i}"] = block(tokens)
         out[f"block_{i}_out"] = tokens
     out["encoder_out"] = enc.encoder_norm(tokens)
-    out["pre_logits"] = out["encoder_out"][:, 0]
+    cls = emb.class_token
+    out["pre_logits"] = out["encoder_out"][:, 0] if cls else np.mean(out["encoder_out"], axis=1)
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -1,7 +1,9 @@
 """Loads checkpoints in the original `.npz` format by layer name.
 
 Keys are the original Flax paths joined by '/'. Every key must be accounted
-for: missing, unused and mis-shaped keys raise one error listing them all.
+for: missing, unused and mis-shaped keys raise one error listing them all, and
+nothing is assigned then. The layouts that Google's code wrote over the years
+are rewritten to one (the published pre-Linen names) by small quirk functions.
 """
 
 import logging
@@ -9,24 +11,31 @@ import os
 import re
 import urllib.parse
 import zipfile
+import zlib
 
-import keras
 import numpy as np
 
-from vit_keras import presets
+from vit_keras import download, presets
 from vit_keras.layers import Embeddings, ResNet
 
 logger = logging.getLogger("vit_keras")
 
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
 _VAR_NAMES = {"gamma": "scale", "beta": "bias"}  # Keras norm weights -> Flax names
+LAYOUTS = ("vit_jax (pre-Linen names, as published)", "vit_jax Linen names", "opt/target/ or params/ prefix",
+           "big_vision (root pos_embedding, per-block or stacked encoderblock)")
 
 
-def resolve(weights, model=None):
+# ----------------------------------------------------------------------------- finding the file
+
+
+def resolve(weights, model=None, image_size=None):
     """Returns a local file for a preset name, a URL or a path.
 
-    URLs and presets are fetched with `keras.utils.get_file` (cached under
-    `~/.keras/vit_keras`, or `$KERAS_HOME`), with the sha256 where known.
+    Preset names need `model` (and pick the file of `image_size` where there
+    are several). URLs are fetched once into a cache keyed by the whole URL
+    (`vit_keras.download`), verified by sha256 where the preset knows it and
+    checked to be a readable `.npz`.
     """
     if not isinstance(weights, (str, os.PathLike)):
         raise ValueError(f"weights must be a name, path or URL, got {weights!r}.")
@@ -38,14 +47,11 @@ def resolve(weights, model=None):
                 f"weights={weights!r} names a published checkpoint set; use a builder "
                 "such as vit_keras.vit_r50_b16 or pass a path or URL."
             )
-        preset = presets.find_preset(model, weights)
+        preset = presets.find_preset(model, weights, image_size)
         weights, sha256 = preset.url, preset.sha256
     scheme = urllib.parse.urlparse(weights).scheme
     if scheme in ("http", "https"):
-        fname = os.path.basename(urllib.parse.urlparse(weights).path)
-        return keras.utils.get_file(
-            fname=fname, origin=weights, file_hash=sha256, cache_subdir="vit_keras"
-        )
+        return download.fetch(weights, sha256=sha256, check=check_npz)
     if os.path.isfile(weights):
         return weights
     raise ValueError(
@@ -54,26 +60,175 @@ def resolve(weights, model=None):
     )
 
 
-def _open_npz(path):
+# ----------------------------------------------------------------------------- reading it safely
+
+
+def _headers(path):
+    """{key: (shape, dtype)} from the npy headers of an `.npz`, reading no array data.
+
+    Refuses what is not a zip archive, pickled or non-float arrays, and arrays
+    that declare more bytes than the archive holds (a tiny file could
+    otherwise ask for gigabytes).
+    """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"\x93NUM":
+        raise ValueError(f"{path} is not an .npz checkpoint: it holds a single array (.npy).")
+    if magic[:2] != b"PK":
+        raise ValueError(
+            f"{path} is not an .npz checkpoint: it is not a zip archive (it starts with {magic!r})."
+        )
+    found = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise ValueError(f"{path} is not an .npz checkpoint: it holds {info.filename!r}.")
+            key = info.filename[: -len(".npy")]
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member, max_header_size=10_000)
+                header_bytes = member.tell()
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {key} holds pickled objects; checkpoints are never unpickled.")
+            if dtype.kind != "f":
+                raise ValueError(f"{path}: {key} has dtype {dtype}; a checkpoint holds floating-point arrays.")
+            declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if declared > info.file_size - header_bytes:
+                raise ValueError(
+                    f"{path}: {key} declares shape {tuple(shape)} ({declared:,} bytes) but the "
+                    f"archive holds only {info.file_size - header_bytes:,}: the file is corrupt."
+                )
+            found[key] = (tuple(shape), dtype)
+    return found
+
+
+def _read_arrays(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file.")
     try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        _headers(path)
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable .npz checkpoint ({e}).") from None
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
         raise ValueError(f"{path} is not an .npz checkpoint ({e}).") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is not an .npz checkpoint (it holds a single array).")
-    return data
+
+
+def check_npz(path):
+    """Raises ValueError unless `path` is a readable `.npz` of float arrays (headers only)."""
+    try:
+        _headers(path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable .npz checkpoint ({e}).") from None
 
 
 def read_npz(path):
-    """Reads an original `.npz` checkpoint into a dict (no pickles allowed)."""
-    with _open_npz(path) as data:
-        return {key: data[key] for key in data.files}
+    """Reads an `.npz` checkpoint into a dict as stored (no pickles, nothing rewritten)."""
+    return _read_arrays(os.fspath(path))
 
 
-def representation_size(path):
-    """Returns the width of the checkpoint's `pre_logits` layer, or None."""
-    with _open_npz(path) as data:  # reads that one array only
-        return int(data["pre_logits/kernel"].shape[-1]) if "pre_logits/kernel" in data.files else None
+# ----------------------------------------------------------------------------- layout quirks
+
+
+def _strip_prefix(params):
+    # Old Flax optimizer checkpoints hold the weights under opt/target/; newer ones under params/.
+    for prefix in ("opt/target/", "params/"):
+        if params and all(k.startswith(prefix) for k in params):
+            return {k[len(prefix):]: v for k, v in params.items()}
+    return params
+
+
+def _unstack_blocks(params):
+    # big_vision's scanned encoder stores all blocks in one encoderblock with a leading layer axis.
+    stacked = {k: v for k, v in params.items() if k.startswith("Transformer/encoderblock/")}
+    out = {k: v for k, v in params.items() if k not in stacked}
+    for key, value in stacked.items():
+        rest = key[len("Transformer/encoderblock/"):]
+        for i in range(value.shape[0]):
+            out[f"Transformer/encoderblock_{i}/{rest}"] = value[i]
+    return out
+
+
+def _root_posemb(params):
+    # big_vision keeps pos_embedding at the root and adds it to the patches only, not to
+    # the class token: here the class slot gets a zero row, which computes the same.
+    if "pos_embedding" not in params:
+        return params
+    out = dict(params)
+    posemb = out.pop("pos_embedding")
+    if "cls" in out:
+        posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+    out[POSEMB_KEY] = posemb
+    return out
+
+
+# Linen numbers submodules per class (LayerNorm_0, LayerNorm_1, MlpBlock_0); the published
+# files number them across classes (LayerNorm_0, MultiHeadDotProductAttention_1, ...).
+_LINEN_TO_PUBLISHED = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+                       "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
+_LINEN_RE = re.compile(r"(encoderblock_\d+/)(" + "|".join(_LINEN_TO_PUBLISHED) + r")/")
+
+
+def _published_names(params):
+    return {_LINEN_RE.sub(lambda m: m.group(1) + _LINEN_TO_PUBLISHED[m.group(2)] + "/", k): v
+            for k, v in params.items()}
+
+
+def _squeeze_group_norm(params):
+    # Published hybrid files store GroupNorm scale/bias as (1, 1, 1, C).
+    return {k: (v.reshape(-1) if re.search(r"(^|/)gn[^/]*/(scale|bias)$", k) and v.ndim == 4 else v)
+            for k, v in params.items()}
+
+
+def canonical(params, path="checkpoint"):
+    """Rewrites any known layout into the published names; refuses an unknown one."""
+    params = _strip_prefix(params)
+    params = _published_names(_root_posemb(_unstack_blocks(params)))
+    params = _squeeze_group_norm(params)
+    if not any(k.startswith("Transformer/encoderblock_") for k in params):
+        groups = sorted({k.split("/")[0] for k in params})
+        raise ValueError(
+            f"{path}: unknown checkpoint layout; found top-level groups {groups[:12]}"
+            f"{' ...' if len(groups) > 12 else ''} but no Transformer/encoderblock_N. "
+            f"Known layouts: {'; '.join(LAYOUTS)}."
+        )
+    return params
+
+
+def read(path):
+    """Reads a checkpoint file into `{published key: float array}`, validated.
+
+    Every array is checked before anything is used: floating point, finite,
+    and no bigger than the file; the layout is rewritten to the published names.
+    """
+    params = canonical(_read_arrays(path), path)
+    bad = sorted(k for k, v in params.items() if not np.all(np.isfinite(v)))
+    if bad:
+        raise ValueError(
+            f"{path}: {len(bad)} array(s) hold NaN or Inf values: {', '.join(bad[:8])}"
+            f"{' ...' if len(bad) > 8 else ''}. Nothing was loaded."
+        )
+    return params
+
+
+def representation_size(params):
+    """Width of the checkpoint's `pre_logits` layer, or None."""
+    kernel = params.get("pre_logits/kernel")
+    return None if kernel is None else int(kernel.shape[-1])
+
+
+def head_classes(params):
+    """Outputs of the checkpoint's head, or None."""
+    kernel = params.get("head/kernel")
+    return None if kernel is None else int(kernel.shape[-1])
+
+
+# ----------------------------------------------------------------------------- the name walk
 
 
 def _scope(layer):
@@ -112,11 +267,7 @@ def checkpoint_variables(model):
     return found
 
 
-def _squeeze_group_norm(key, value):
-    # Published hybrid files store GroupNorm scale/bias as (1, 1, 1, C).
-    if re.search(r"(^|/)gn[^/]*/(scale|bias)$", key) and value.ndim == 4:
-        return value.reshape(-1)
-    return value
+# ----------------------------------------------------------------------------- position embedding
 
 
 def zoom_linear(grid, new_shape):
@@ -134,84 +285,128 @@ def zoom_linear(grid, new_shape):
     return out
 
 
-def resize_posemb(posemb, grid_shape):
-    """Resizes a `[1, 1 + n*n, D]` position embedding to `grid_shape` (rows, cols).
-
-    As the original's `interpolate_posembed`: the class row is kept, the rest
-    is reshaped to its square grid, zoomed linearly with corners aligned and
-    flattened back.
-    """
-    cls, grid = posemb[:, :1], posemb[0, 1:]
-    old = int(round(np.sqrt(len(grid))))
-    if old * old != len(grid):
+def posemb_grid(posemb, prefix_tokens=1, grid=None):
+    """The (rows, cols) of a checkpoint's position embedding: `grid`, or its square."""
+    tokens = posemb.shape[1] - prefix_tokens
+    if grid is not None:
+        if grid[0] * grid[1] != tokens:
+            raise ValueError(f"checkpoint_grid {tuple(grid)} does not hold the {tokens} position tokens.")
+        return tuple(grid)
+    side = int(round(np.sqrt(tokens)))
+    if side * side != tokens:
         raise ValueError(
-            f"Cannot resize position embedding {posemb.shape}: its {len(grid)} grid "
-            "tokens do not form a square grid."
+            f"The checkpoint's position embedding has {tokens} grid tokens, which is not a square "
+            "grid: pass checkpoint_grid=(rows, cols)."
         )
-    grid = zoom_linear(grid.reshape(old, old, -1), grid_shape)
-    grid = grid.reshape(1, grid_shape[0] * grid_shape[1], -1).astype(posemb.dtype)
-    return np.concatenate([cls, grid], axis=1)
+    return side, side
 
 
-def load_npz(model, path, pretrained_top=True):
-    """Loads an original `.npz` checkpoint into a model of this package.
+def resize_posemb(posemb, grid_shape, prefix_tokens=1, old_grid=None):
+    """Resizes a `[1, prefix + h*w, D]` position embedding to `grid_shape` (rows, cols).
 
-    The position embedding is resized when the grid differs; the head is
-    re-initialised (with a log line) when its shape differs or with
-    `pretrained_top=False`; a model without a top ignores the checkpoint's
-    `head` and `pre_logits`. Anything else missing, unused or mis-shaped
-    raises one `ValueError` that lists it all; nothing is assigned then.
-
-    Args:
-        model: keras.Model. Built by this package.
-        path: str. A local path or URL of an `.npz` file.
-        pretrained_top: bool. Load the head when it fits. Defaults to True.
+    As the original's `load_pretrained`: the class row (if any) is kept, the
+    rest is reshaped to its grid (square unless `old_grid` says otherwise),
+    zoomed linearly with corners aligned and flattened back.
     """
-    path = resolve(path)
-    params = {k: _squeeze_group_norm(k, v) for k, v in read_npz(path).items()}
+    old = posemb_grid(posemb, prefix_tokens, old_grid)
+    prefix, grid = posemb[:, :prefix_tokens], posemb[0, prefix_tokens:]
+    grid = zoom_linear(grid.reshape(*old, -1), grid_shape)
+    grid = grid.reshape(1, grid_shape[0] * grid_shape[1], -1).astype(posemb.dtype)
+    return np.concatenate([prefix, grid], axis=1)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _describe(items):
+    return [f"    {item}" for item in sorted(items)]
+
+
+def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="checkpoint"):
+    """Assigns canonical checkpoint `params` (from `read`) to a model of this package.
+
+    See `load_npz` for what is resized, re-initialised, dropped or refused.
+    """
     targets = checkpoint_variables(model)
-    assign, missing, mismatched, reinit = [], [], [], []
+    embeddings = next(layer for _, layer in targets.values() if isinstance(layer, Embeddings))
+    has_top = any(k.startswith("head/") for k in targets)
+    has_pre_logits = any(k.startswith("pre_logits/") for k in targets)
+    head_fits = has_top and pretrained_top and all(
+        k not in params or tuple(params[k].shape) == tuple(targets[k][0].shape)
+        for k in ("head/kernel", "head/bias")
+    )
+    assign_, missing, mismatched, reinit = [], [], [], []
     for key, (variable, layer) in targets.items():
         if key not in params:
             missing.append(f"{key} {tuple(variable.shape)}")
             continue
         value = params[key]
         want = tuple(variable.shape)
-        if key == POSEMB_KEY and value.shape != want and value.shape[-1] == want[-1]:
-            embeddings = layer
-            grid = embeddings.grid_size(model.input_shape[1:3])
-            logger.info("Resizing position embedding %s -> %s.", value.shape, want)
-            value = resize_posemb(value, grid)
-        if key.startswith("head/") and (not pretrained_top or value.shape != want):
+        if key == POSEMB_KEY and value.shape[-1] == want[-1]:
+            prefix = 1 if embeddings.class_token else 0
+            new = embeddings.grid_size(model.input_shape[1:3])
+            tokens = value.shape[1] - prefix
+            if checkpoint_grid is None and value.shape == want and round(np.sqrt(tokens)) ** 2 != tokens:
+                old = new  # a non-square grid of the model's token count: trained at this size
+            else:
+                old = posemb_grid(value, prefix, checkpoint_grid)
+            if old != new:  # resize whenever the layout differs, not only the token count
+                logger.info("Resizing position embedding grid %s -> %s.", old, new)
+                value = resize_posemb(value, new, prefix, old)
+        if key.startswith("head/") and not head_fits:
             reinit.append((variable, layer, key, value.shape))
             continue
         if value.shape != want:
             mismatched.append(f"{key}: checkpoint {value.shape}, model {want}")
             continue
-        assign.append((variable, value))
-    has_top = any(k.startswith("head/") for k in targets)
-    unused = [
-        f"{k} {v.shape}"
-        for k, v in params.items()
-        if k not in targets and (has_top or not k.startswith(("head/", "pre_logits/")))
-    ]
+        assign_.append((variable, value))
+    dropped = [k for k in params if k not in targets and (
+        (k.startswith("head/") and not has_top)
+        or (k.startswith("pre_logits/") and not has_pre_logits and not head_fits))]
+    unused = [f"{k} {params[k].shape}" for k in params if k not in targets and k not in dropped]
     if missing or unused or mismatched:
-        lines = [f"Checkpoint {path} does not fit model {model.name!r}:"]
+        lines = [f"Checkpoint {source} does not fit model {model.name!r}:"]
         for title, items in (("missing", missing), ("unused", unused), ("wrong shape", mismatched)):
             if items:
-                lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {item}" for item in sorted(items))
+                lines += [f"  {title} ({len(items)}):", *_describe(items)]
         if any(k.startswith("pre_logits/") for k in unused):
-            lines.append("  (the checkpoint has a pre_logits layer: build with representation_size)")
+            lines.append("  (the checkpoint's head was trained on its pre_logits layer: keep it with "
+                         "keep_pre_logits=True, or re-initialise the head with pretrained_top=False)")
         raise ValueError("\n".join(lines))
-    for variable, value in assign:
+    for variable, value in assign_:
         variable.assign(value)
     for variable, layer, key, shape in reinit:
         initializer = layer.kernel_initializer if key.endswith("kernel") else layer.bias_initializer
         variable.assign(initializer(variable.shape, variable.dtype))
         why = "pretrained_top=False" if not pretrained_top else f"checkpoint has {shape}"
         logger.warning("Re-initialised %s %s (%s).", key, tuple(variable.shape), why)
-    dropped = [k for k in params if k.startswith(("head/", "pre_logits/")) and k not in targets]
-    if dropped:
-        logger.info("Model has no top: skipped %s.", ", ".join(sorted(dropped)))
+    if any(k.startswith("pre_logits/") for k in dropped):
+        logger.info("Dropped the checkpoint's pre_logits layer (the head is new), as the original's "
+                    "load_pretrained does; keep it with keep_pre_logits=True.")
+    if any(k.startswith("head/") for k in dropped):
+        logger.info("Model has no top: skipped the checkpoint's head.")
     return model
+
+
+def load_npz(model, path, pretrained_top=True, checkpoint_grid=None):
+    """Loads an original `.npz` checkpoint into a model of this package.
+
+    Any known layout loads (published pre-Linen names, Linen names,
+    `opt/target/` or `params/` prefixes, big_vision's). The position embedding
+    is resized whenever the token grid differs (the checkpoint's grid is
+    square unless `checkpoint_grid` says otherwise); the head is
+    re-initialised (with a log line) when its shape differs or with
+    `pretrained_top=False`; the checkpoint's `pre_logits` layer is dropped
+    when the model has none and its head is new or absent. Anything else
+    missing, unused or mis-shaped, non-finite values and unreadable files raise
+    one `ValueError`; nothing is assigned then.
+
+    Args:
+        model: keras.Model. Built by this package.
+        path: str. A local path or URL of an `.npz` file.
+        pretrained_top: bool. Load the head when it fits. Defaults to True.
+        checkpoint_grid: (rows, cols) or None. The checkpoint's position-embedding
+            grid when it is not square. Defaults to None.
+    """
+    path = resolve(path)
+    return assign(model, read(path), pretrained_top, checkpoint_grid, source=path)

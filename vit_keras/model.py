@@ -14,6 +14,9 @@ def _image_shape(image_size):
     return int(h), int(w)
 
 
+CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+
+
 def build_model(
     image_size,
     patch_size,
@@ -23,14 +26,18 @@ def build_model(
     mlp_dim,
     classes,
     dropout=0.1,
+    attention_dropout=0.0,
     activation="linear",
     include_top=True,
     representation_size=None,
     resnet_layers=None,
     resnet_width_factor=1,
+    classifier="token",
     name="vit",
     weights=None,
     pretrained_top=True,
+    keep_pre_logits=None,
+    checkpoint_grid=None,
     class_names=None,
 ):
     """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
@@ -51,19 +58,35 @@ def build_model(
         classes: int. Outputs of the head.
         dropout: float. Dropout after the embedding and inside the blocks.
             Defaults to 0.1.
+        attention_dropout: float. Dropout on the attention weights. Defaults
+            to 0.
         activation: str. Activation of the head. Defaults to "linear".
-        include_top: bool. With False the model outputs the class token's
-            representation `[batch, hidden_size]`. Defaults to True.
+        include_top: bool. With False the model outputs the pooled
+            representation (after `pre_logits` when the model has one).
+            Defaults to True.
         representation_size: int or None. Width of the tanh `pre_logits` layer
-            before the head (used with the top only). Defaults to None.
+            before the head. With `weights`, None takes the checkpoint's when
+            it is kept (see `keep_pre_logits`). Defaults to None.
         resnet_layers: tuple of int or None. Units per ResNet stage, e.g.
-            (3, 4, 9); None for the plain ViT. Defaults to None.
+            (3, 4, 9); `()` for the ResNet root alone (R+ViT-Ti/16); None for
+            the plain ViT. Defaults to None.
         resnet_width_factor: float. ResNet width multiplier. Defaults to 1.
+        classifier: str. The original's pooling: "token" (the class token),
+            "gap" (no class token; mean of the normalised tokens), "unpooled"
+            (no class token; the head applies to every token) or
+            "token_unpooled" (class token kept, every token out).
+            Defaults to "token".
         name: str. Model name. Defaults to "vit".
         weights: str or None. A local path or URL of an original `.npz`
             checkpoint to load. Defaults to None.
         pretrained_top: bool. Load the checkpoint's head when its shape fits.
             Defaults to True.
+        keep_pre_logits: bool or None. Keep the checkpoint's `pre_logits`
+            layer. None keeps it only when the checkpoint's head is loaded
+            too; a new head (other `classes`, `pretrained_top=False`) or no
+            top drops it, as the original's `load_pretrained`. Defaults to None.
+        checkpoint_grid: (rows, cols) or None. The checkpoint's position
+            embedding grid when it is not square. Defaults to None.
         class_names: list of str or None. Names of the classes, kept in the
             head's config (and so in `.keras` files). Defaults to None.
 
@@ -73,29 +96,41 @@ def build_model(
     >>> model.output_shape
     (None, 10)
     """
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"Unknown classifier {classifier!r}; use one of {CLASSIFIERS}.")
     height, width = _image_shape(image_size)
+    params = None
     if weights is not None:
         from vit_keras import checkpoint
 
         path = checkpoint.resolve(weights)
-        if include_top and representation_size is None:
-            representation_size = checkpoint.representation_size(path)
+        params = checkpoint.read(path)
+        if representation_size is None and checkpoint.representation_size(params):
+            head_kept = (include_top and pretrained_top and checkpoint.head_classes(params) == classes)
+            keep = head_kept if keep_pre_logits is None else keep_pre_logits
+            representation_size = checkpoint.representation_size(params) if keep else None
     embeddings = Embeddings(
         hidden_size,
         patch_size,
         dropout=dropout,
         resnet_layers=resnet_layers,
         resnet_width_factor=resnet_width_factor,
+        class_token=classifier in ("token", "token_unpooled"),
         name="embeddings",
     )
     embeddings.grid_size((height, width))  # fails early on an indivisible size
     inputs = keras.Input((height, width, 3), name="image")
     x = embeddings(inputs)
-    x, _ = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout, name="Transformer")(x)
-    y = ExtractToken(name="class_token")(x)
+    y, _ = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
+                   attention_dropout=attention_dropout, name="Transformer")(x)
+    if classifier == "token":
+        y = ExtractToken(name="class_token")(y)
+    elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)
+        y = keras.layers.GlobalAveragePooling1D(name="gap")(y)
+    if representation_size:
+        y = keras.layers.Dense(representation_size, activation="tanh",
+                               kernel_initializer="lecun_normal", name="pre_logits")(y)
     if include_top:
-        if representation_size:
-            y = keras.layers.Dense(representation_size, activation="tanh", name="pre_logits")(y)
         # The original zero-initialises the head; logits stay float32 under mixed precision.
         y = ClassifierHead(
             classes,
@@ -106,8 +141,9 @@ def build_model(
             dtype="float32",
         )(y)
     model = keras.Model(inputs, y, name=name)
-    if weights is not None:
-        checkpoint.load_npz(model, path, pretrained_top=pretrained_top)
+    if params is not None:
+        checkpoint.assign(model, params, pretrained_top=pretrained_top,
+                          checkpoint_grid=checkpoint_grid, source=path)
     return model
 
 

@@ -2,37 +2,45 @@
 
 import dataclasses
 
-# The original configs (vit_jax/configs/models.py). For the hybrids the patch
-# size is counted on the ResNet's feature map.
+
+def _vit(patch, layers, width, heads, mlp, dropout, **extra):
+    return dict(patch_size=patch, num_layers=layers, hidden_size=width, num_heads=heads,
+                mlp_dim=mlp, dropout=dropout, **extra)
+
+
+# The original configs (vit_jax/configs/models.py), dropout included (attention dropout is
+# 0.0 in all of them). For the hybrids the patch size is counted on the ResNet's feature
+# map; the root alone (`resnet_layers=()`) has stride 4, so R+ViT-Ti/16 has stride 32.
 CONFIGS = {
-    "vit_ti16": dict(patch_size=16, num_layers=12, hidden_size=192, num_heads=3, mlp_dim=768),
-    "vit_s16": dict(patch_size=16, num_layers=12, hidden_size=384, num_heads=6, mlp_dim=1536),
-    "vit_b16": dict(patch_size=16, num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
-    "vit_b32": dict(patch_size=32, num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
-    "vit_l16": dict(patch_size=16, num_layers=24, hidden_size=1024, num_heads=16, mlp_dim=4096),
-    "vit_l32": dict(patch_size=32, num_layers=24, hidden_size=1024, num_heads=16, mlp_dim=4096),
-    "vit_r26_s32": dict(
-        patch_size=1, num_layers=12, hidden_size=384, num_heads=6, mlp_dim=1536,
-        resnet_layers=(2, 2, 2, 2),
-    ),
-    "vit_r50_b16": dict(
-        patch_size=1, num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072,
-        resnet_layers=(3, 4, 9),
-    ),
-    "vit_r50_l32": dict(
-        patch_size=1, num_layers=24, hidden_size=1024, num_heads=16, mlp_dim=4096,
-        resnet_layers=(3, 4, 6, 3),
-    ),
+    "vit_ti16": _vit(16, 12, 192, 3, 768, 0.0),
+    "vit_s16": _vit(16, 12, 384, 6, 1536, 0.0),
+    "vit_s32": _vit(32, 12, 384, 6, 1536, 0.0),
+    "vit_b8": _vit(8, 12, 768, 12, 3072, 0.0),
+    "vit_b16": _vit(16, 12, 768, 12, 3072, 0.0),
+    "vit_b32": _vit(32, 12, 768, 12, 3072, 0.0),
+    "vit_l16": _vit(16, 24, 1024, 16, 4096, 0.1),
+    "vit_l32": _vit(32, 24, 1024, 16, 4096, 0.0),
+    "vit_h14": _vit(14, 32, 1280, 16, 5120, 0.1),
+    "vit_r_ti16": _vit(8, 12, 192, 3, 768, 0.0, resnet_layers=()),
+    "vit_r26_s32": _vit(1, 12, 384, 6, 1536, 0.0, resnet_layers=(2, 2, 2, 2)),
+    "vit_r26_b32": _vit(1, 12, 768, 12, 3072, 0.0, resnet_layers=(2, 2, 2, 2)),
+    "vit_r50_b16": _vit(1, 12, 768, 12, 3072, 0.1, resnet_layers=(3, 4, 9)),
+    "vit_r50_l32": _vit(1, 24, 1024, 16, 4096, 0.1, resnet_layers=(3, 4, 6, 3)),
+}
+
+# The original's names, for tables and messages.
+TITLES = {
+    "vit_ti16": "ViT-Ti/16", "vit_s16": "ViT-S/16", "vit_s32": "ViT-S/32", "vit_b8": "ViT-B/8",
+    "vit_b16": "ViT-B/16", "vit_b32": "ViT-B/32", "vit_l16": "ViT-L/16", "vit_l32": "ViT-L/32",
+    "vit_h14": "ViT-H/14", "vit_r_ti16": "R+ViT-Ti/16", "vit_r26_s32": "R26+ViT-S/32",
+    "vit_r26_b32": "R26+ViT-B/32", "vit_r50_b16": "R50+ViT-B/16", "vit_r50_l32": "R50+ViT-L/32",
 }
 
 # Small configurations with no published weights, for laptops, demos and tests.
 SMALL_CONFIGS = {
     # ResNet width 32, one unit per stage (stride 16), then a 2-layer ViT of width 64.
-    "vit_hybrid_tiny": dict(
-        patch_size=1, num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128,
-        resnet_layers=(1, 1, 1), resnet_width_factor=0.5,
-    ),
-    "vit_tiny16": dict(patch_size=16, num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128),
+    "vit_hybrid_tiny": _vit(1, 2, 64, 4, 128, 0.0, resnet_layers=(1, 1, 1), resnet_width_factor=0.5),
+    "vit_tiny16": _vit(16, 2, 64, 4, 128, 0.0),
 }
 
 
@@ -47,48 +55,90 @@ class Preset:
     weights: str
     url: str
     resolution: int
+    classes: int = 1000
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
-    sha256: str = None  # not published by Google; keras.utils.get_file checks it when set
+    sha256: str = None  # Google publishes none; verified after download when set
     license: str = "Apache-2.0"
 
 
 _GCS = "https://storage.googleapis.com/vit_models/"
-_AUGREG = _GCS + "augreg/"
-_FT = "--imagenet2012-steps_20k-lr_{lr}-res_384.npz"
+I21K, I1K = "imagenet21k", "imagenet21k+imagenet2012"
+AUGREG_I21K, AUGREG_I1K = "augreg_in21k", "augreg_in21k_ft_in1k"
 
-PRESETS = [
-    Preset("vit_b16", "imagenet21k", _GCS + "imagenet21k/ViT-B_16.npz", 224),
-    Preset("vit_b16", "imagenet21k+imagenet2012", _GCS + "imagenet21k+imagenet2012/ViT-B_16.npz", 384),
-    Preset("vit_b32", "imagenet21k", _GCS + "imagenet21k/ViT-B_32.npz", 224),
-    Preset("vit_b32", "imagenet21k+imagenet2012", _GCS + "imagenet21k+imagenet2012/ViT-B_32.npz", 384),
-    Preset("vit_l16", "imagenet21k", _GCS + "imagenet21k/ViT-L_16.npz", 224),
-    Preset("vit_l16", "imagenet21k+imagenet2012", _GCS + "imagenet21k+imagenet2012/ViT-L_16.npz", 384),
-    Preset("vit_l32", "imagenet21k", _GCS + "imagenet21k/ViT-L_32.npz", 224),
-    Preset("vit_l32", "imagenet21k+imagenet2012", _GCS + "imagenet21k+imagenet2012/ViT-L_32.npz", 384),
-    Preset("vit_r50_b16", "imagenet21k", _GCS + "imagenet21k/R50+ViT-B_16.npz", 224),
-    Preset("vit_r50_b16", "imagenet21k+imagenet2012", _GCS + "imagenet21k+imagenet2012/R50+ViT-B_16.npz", 384),
-    # The smaller and the R26/R50-L hybrids are published only from the "AugReg" study.
-    Preset("vit_ti16", "imagenet21k", _AUGREG + "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz", 224),
-    Preset("vit_ti16", "imagenet21k+imagenet2012", _AUGREG + "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0" + _FT.format(lr="0.03"), 384),
-    Preset("vit_s16", "imagenet21k", _AUGREG + "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz", 224),
-    Preset("vit_s16", "imagenet21k+imagenet2012", _AUGREG + "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0" + _FT.format(lr="0.03"), 384),
-    Preset("vit_r26_s32", "imagenet21k", _AUGREG + "R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz", 224),
-    Preset("vit_r26_s32", "imagenet21k+imagenet2012", _AUGREG + "R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0" + _FT.format(lr="0.01"), 384),
-    Preset("vit_r50_l32", "imagenet21k", _AUGREG + "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz", 224),
-    Preset("vit_r50_l32", "imagenet21k+imagenet2012", _AUGREG + "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1" + _FT.format(lr="0.01"), 384),
-]
-
-WEIGHT_NAMES = tuple(sorted({p.weights for p in PRESETS}))
+# The recommended AugReg checkpoints ("How to train your ViT", vit_jax README): the
+# ImageNet-21k run with the best upstream validation accuracy, and its ImageNet-1k
+# fine-tuning (learning rate as published) at 384 and, where that file is known, 224.
+_AUGREG = {
+    # model: (pre-training run, {resolution: fine-tuning learning rate})
+    "vit_ti16": ("Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0", {384: "0.03", 224: "0.03"}),
+    "vit_s16": ("S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0", {384: "0.03", 224: "0.03"}),
+    "vit_s32": ("S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0", {384: "0.01"}),
+    "vit_b8": ("B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0", {224: "0.01"}),
+    "vit_b16": ("B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0", {384: "0.03", 224: "0.01"}),
+    "vit_b32": ("B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0", {384: "0.01"}),
+    "vit_l16": ("L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0", {384: "0.01"}),
+    "vit_r_ti16": ("R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0", {384: "0.03", 224: "0.03"}),
+    "vit_r26_s32": ("R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0", {384: "0.01"}),
+    "vit_r50_l32": ("R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1", {384: "0.01", 224: "0.01"}),
+}
 
 
-def find_preset(model, weights):
-    """Returns the `Preset` of `model` trained as `weights`, or raises ValueError."""
-    for preset in PRESETS:
-        if preset.model == model and preset.weights == weights:
-            return preset
-    have = [p.weights for p in PRESETS if p.model == model]
-    raise ValueError(
-        f"No published {weights!r} checkpoint for {model}; known: {have}. "
-        "Pass a local path or URL of an .npz file instead."
-    )
+def _augreg_presets():
+    for model, (run, finetuned) in _AUGREG.items():
+        yield Preset(model, AUGREG_I21K, f"{_GCS}augreg/{run}.npz", 224, classes=21843)
+        for res, lr in finetuned.items():
+            url = f"{_GCS}augreg/{run}--imagenet2012-steps_20k-lr_{lr}-res_{res}.npz"
+            yield Preset(model, AUGREG_I1K, url, res)
+
+
+# The 2020 checkpoints of the paper: ImageNet-21k at 224, fine-tuned on ImageNet-1k at 384.
+_ORIGINAL = {"vit_b16": "ViT-B_16", "vit_b32": "ViT-B_32", "vit_l16": "ViT-L_16",
+             "vit_l32": "ViT-L_32", "vit_r50_b16": "R50+ViT-B_16", "vit_h14": "ViT-H_14"}
+
+
+def _original_presets():
+    for model, file in _ORIGINAL.items():
+        yield Preset(model, I21K, f"{_GCS}imagenet21k/{file}.npz", 224, classes=21843)
+        if model != "vit_h14":  # ViT-H/14 was published pre-trained only
+            yield Preset(model, I1K, f"{_GCS}imagenet21k+imagenet2012/{file}.npz", 384)
+
+
+def _aliases():
+    # Before the AugReg names existed, these models' "imagenet21k" and
+    # "imagenet21k+imagenet2012" meant the AugReg files; those names keep working.
+    for model in ("vit_ti16", "vit_s16", "vit_r26_s32", "vit_r50_l32"):
+        run, finetuned = _AUGREG[model]
+        yield Preset(model, I21K, f"{_GCS}augreg/{run}.npz", 224, classes=21843)
+        lr = finetuned[384]
+        yield Preset(model, I1K, f"{_GCS}augreg/{run}--imagenet2012-steps_20k-lr_{lr}-res_384.npz", 384)
+
+
+PRESETS = [*_original_presets(), *_aliases(), *_augreg_presets()]
+
+WEIGHT_NAMES = (I21K, I1K, AUGREG_I21K, AUGREG_I1K)
+
+
+def default_weights(model):
+    """The checkpoint a builder loads when `weights` is not given, or None."""
+    have = {p.weights for p in PRESETS if p.model == model}
+    return next((w for w in (I1K, AUGREG_I1K, I21K, AUGREG_I21K) if w in have), None)
+
+
+def find_preset(model, weights, image_size=None):
+    """Returns the `Preset` of `model` trained as `weights`, or raises ValueError.
+
+    Where a checkpoint was published at several resolutions, the one equal to
+    `image_size` (int or (h, w)) is chosen, else the first listed.
+    """
+    found = [p for p in PRESETS if p.model == model and p.weights == weights]
+    if not found:
+        have = sorted({p.weights for p in PRESETS if p.model == model})
+        raise ValueError(
+            f"No published {weights!r} checkpoint for {model}; known: {have}. "
+            "Pass a local path or URL of an .npz file instead."
+        )
+    side = image_size if isinstance(image_size, int) else None
+    if image_size is not None and not isinstance(image_size, int) and len(set(image_size)) == 1:
+        side = int(image_size[0])
+    return next((p for p in found if p.resolution == side), found[0])

@@ -29,58 +29,91 @@ _DOC = """Builds {title}.
         image_size: int or (height, width). Input resolution. Defaults to 224.
         classes: int. Outputs of the head. Defaults to 1000.
         activation: str. Activation of the head. Defaults to "linear".
-        include_top: bool. False outputs the class token's representation.
+        include_top: bool. False outputs the pooled representation.
             Defaults to True.
-        pretrained: bool. Load `weights`. Defaults to True.
+        pretrained: bool. Load `weights`. Defaults to {pretrained}.
         pretrained_top: bool. Load the checkpoint's head when its shape fits
             (else it is re-initialised, with a log line). Defaults to True.
-        weights: str. "imagenet21k", "imagenet21k+imagenet2012", or a local
-            path or URL of an original `.npz` checkpoint. Defaults to
-            "imagenet21k+imagenet2012".
+        weights: str. {names}, or a local path or URL of an original `.npz`
+            checkpoint. Where a name was published at several resolutions,
+            the file of `image_size` is taken, else the first. Defaults to
+            {weights!r}.
+        dropout: float or None. Dropout; None takes the original config's
+            ({dropout}). Defaults to None.
+        attention_dropout: float or None. Dropout on attention weights; None
+            takes the original config's (0.0). Defaults to None.
+        classifier: str. "token", "gap", "unpooled" or "token_unpooled" (see
+            `build_model`). Defaults to "token".
+        keep_pre_logits: bool or None. Keep a checkpoint's `pre_logits` layer
+            when the head is new (see `build_model`). Defaults to None.
 
     Example:
     >>> model = {name}(image_size=224, classes=10, pretrained=False)
     """
 
 
-def _entry(model_name, title):
+def _entry(model_name):
+    config = presets.CONFIGS[model_name]
+    default = presets.default_weights(model_name)
+
     def builder(
         image_size=224,
         classes=1000,
         activation="linear",
         include_top=True,
-        pretrained=True,
+        pretrained=default is not None,
         pretrained_top=True,
-        weights="imagenet21k+imagenet2012",
+        weights=default,
+        dropout=None,
+        attention_dropout=None,
+        classifier="token",
+        keep_pre_logits=None,
     ):
-        path = checkpoint.resolve(weights, model=model_name) if pretrained else None
+        if pretrained and weights is None:
+            raise ValueError(f"{model_name} has no published weights: pass pretrained=False or a path/URL.")
+        path = checkpoint.resolve(weights, model=model_name, image_size=image_size) if pretrained else None
         imagenet_top = pretrained and pretrained_top and include_top and classes == 1000
+        names = get_imagenet_classes() if imagenet_top and weights in IMAGENET_1K else None
         return build_model(
+            **dict(config, dropout=config["dropout"] if dropout is None else dropout),
+            attention_dropout=attention_dropout or 0.0,
             image_size=image_size,
             classes=classes,
             activation=activation,
             include_top=include_top,
+            classifier=classifier,
             name=model_name.replace("_", "-"),
             weights=path,
             pretrained_top=pretrained_top,
-            class_names=get_imagenet_classes()
-            if imagenet_top and weights == "imagenet21k+imagenet2012" else None,
-            **presets.CONFIGS[model_name],
+            keep_pre_logits=keep_pre_logits,
+            class_names=names,
         )
 
+    have = sorted({p.weights for p in presets.PRESETS if p.model == model_name})
     builder.__name__ = builder.__qualname__ = model_name
-    builder.__doc__ = _DOC.format(title=title, name=model_name)
+    builder.__doc__ = _DOC.format(
+        title=presets.TITLES[model_name], name=model_name, weights=default, pretrained=default is not None,
+        names=", ".join(repr(w) for w in have) if have else "No published weights", dropout=config["dropout"],
+    )
     return builder
 
 
-vit_ti16 = _entry("vit_ti16", "ViT-Ti/16")
-vit_s16 = _entry("vit_s16", "ViT-S/16")
-vit_b16 = _entry("vit_b16", "ViT-B/16")
-vit_b32 = _entry("vit_b32", "ViT-B/32")
-vit_l16 = _entry("vit_l16", "ViT-L/16")
-vit_l32 = _entry("vit_l32", "ViT-L/32")
-vit_r26_s32 = _entry("vit_r26_s32", "the hybrid R26+ViT-S/32")
-vit_r50_b16 = _entry("vit_r50_b16", "the hybrid R50+ViT-B/16")
-vit_r50_l32 = _entry("vit_r50_l32", "the hybrid R50+ViT-L/32")
+# The checkpoints whose 1000-class head is ImageNet-1k's.
+IMAGENET_1K = (presets.I1K, presets.AUGREG_I1K)
+
+vit_ti16 = _entry("vit_ti16")
+vit_s16 = _entry("vit_s16")
+vit_s32 = _entry("vit_s32")
+vit_b8 = _entry("vit_b8")
+vit_b16 = _entry("vit_b16")
+vit_b32 = _entry("vit_b32")
+vit_l16 = _entry("vit_l16")
+vit_l32 = _entry("vit_l32")
+vit_h14 = _entry("vit_h14")
+vit_r_ti16 = _entry("vit_r_ti16")
+vit_r26_s32 = _entry("vit_r26_s32")
+vit_r26_b32 = _entry("vit_r26_b32")
+vit_r50_b16 = _entry("vit_r50_b16")
+vit_r50_l32 = _entry("vit_r50_l32")
 
 BUILDERS = {name: globals()[name] for name in presets.CONFIGS}

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from vit_keras.layers.resnet import ResNet
+from vit_keras.layers.resnet import ResNet, resnet_stride
 
 
 @keras.saving.register_keras_serializable(package="vit_keras")
@@ -13,7 +13,8 @@ class Embeddings(keras.layers.Layer):
     The image (or, for the hybrid, the ResNet's feature map) is cut into
     `patch_size` x `patch_size` patches by a strided conv named `embedding`,
     the grid is flattened row-major, a learned class token `cls` is prepended
-    at index 0, the position embedding (class slot included) is added, and
+    at index 0 (unless `class_token=False`, as for the original's `gap`
+    classifier), the position embedding (class slot included) is added, and
     dropout is applied.
 
     Args:
@@ -27,6 +28,7 @@ class Embeddings(keras.layers.Layer):
         resnet_width_factor: float. ResNet width multiplier. Defaults to 1.
         prestandardized: bool. The ResNet's stored conv kernels are already
             standardised (see `StdConv2D`). Defaults to False.
+        class_token: bool. Prepend the class token `cls`. Defaults to True.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -43,6 +45,7 @@ class Embeddings(keras.layers.Layer):
         resnet_layers=None,
         resnet_width_factor=1,
         prestandardized=False,
+        class_token=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -52,11 +55,12 @@ class Embeddings(keras.layers.Layer):
         self.resnet_layers = None if resnet_layers is None else tuple(resnet_layers)
         self.resnet_width_factor = resnet_width_factor
         self.prestandardized = prestandardized
+        self.class_token = class_token
 
     @property
     def stride(self):
         """Pixels of the input image per token along each axis."""
-        resnet = 1 if self.resnet_layers is None else 4 * 2 ** (len(self.resnet_layers) - 1)
+        resnet = 1 if self.resnet_layers is None else resnet_stride(self.resnet_layers)
         return resnet * self.patch_size
 
     def grid_size(self, image_shape):
@@ -95,11 +99,12 @@ class Embeddings(keras.layers.Layer):
             name="embedding",
         )
         self.embedding.build(shape)
-        self.cls = self.add_weight(
-            shape=(1, 1, self.hidden_size), initializer="zeros", name="cls"
-        )
+        if self.class_token:
+            self.cls = self.add_weight(
+                shape=(1, 1, self.hidden_size), initializer="zeros", name="cls"
+            )
         self.pos_embedding = self.add_weight(
-            shape=(1, 1 + gh * gw, self.hidden_size),
+            shape=(1, int(self.class_token) + gh * gw, self.hidden_size),
             initializer=keras.initializers.RandomNormal(stddev=0.02),
             name="pos_embedding",
         )
@@ -115,14 +120,15 @@ class Embeddings(keras.layers.Layer):
         x = self.patch_grid(images)
         batch = ops.shape(x)[0]
         x = ops.reshape(x, (batch, -1, self.hidden_size))
-        cls = ops.broadcast_to(ops.cast(self.cls, x.dtype), (batch, 1, self.hidden_size))
-        x = ops.concatenate([cls, x], axis=1)
+        if self.class_token:
+            cls = ops.broadcast_to(ops.cast(self.cls, x.dtype), (batch, 1, self.hidden_size))
+            x = ops.concatenate([cls, x], axis=1)
         x = x + ops.cast(self.pos_embedding, x.dtype)
         return self.dropout_layer(x, training=training)
 
     def compute_output_shape(self, input_shape):
         gh, gw = self.grid_size(input_shape[1:3])
-        return (input_shape[0], 1 + gh * gw, self.hidden_size)
+        return (input_shape[0], int(self.class_token) + gh * gw, self.hidden_size)
 
     def get_config(self):
         config = super().get_config()
@@ -136,6 +142,7 @@ class Embeddings(keras.layers.Layer):
                 else list(self.resnet_layers),
                 "resnet_width_factor": self.resnet_width_factor,
                 "prestandardized": self.prestandardized,
+                "class_token": self.class_token,
             }
         )
         return config

@@ -19,6 +19,7 @@ class GroupNorm(keras.layers.Layer):
     Args:
         groups: int. Number of groups; must divide the channels. Defaults to 32.
         epsilon: float. Added to the variance. Defaults to 1e-6 (the original's).
+        scale_initializer: str or initializer. Initial scale. Defaults to "ones".
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -27,16 +28,17 @@ class GroupNorm(keras.layers.Layer):
     (1, 4, 4, 8)
     """
 
-    def __init__(self, groups=32, epsilon=1e-6, **kwargs):
+    def __init__(self, groups=32, epsilon=1e-6, scale_initializer="ones", **kwargs):
         super().__init__(**kwargs)
         self.groups = groups
         self.epsilon = epsilon
+        self.scale_initializer = keras.initializers.get(scale_initializer)
 
     def build(self, input_shape):
         channels = input_shape[-1]
         if channels % self.groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible by {self.groups} groups.")
-        self.scale = self.add_weight(shape=(channels,), initializer="ones", name="scale")
+        self.scale = self.add_weight(shape=(channels,), initializer=self.scale_initializer, name="scale")
         self.bias = self.add_weight(shape=(channels,), initializer="zeros", name="bias")
         self.built = True
 
@@ -63,5 +65,9 @@ class GroupNorm(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"groups": self.groups, "epsilon": self.epsilon})
+        config.update({
+            "groups": self.groups,
+            "epsilon": self.epsilon,
+            "scale_initializer": keras.initializers.serialize(self.scale_initializer),
+        })
         return config

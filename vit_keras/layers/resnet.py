@@ -10,8 +10,19 @@ GN_GROUPS = 32
 GN_EPSILON = 1e-6
 
 
-def _group_norm(name):
-    return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, name=name)
+def _group_norm(name, scale_initializer="ones"):
+    return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, scale_initializer=scale_initializer, name=name)
+
+
+def resnet_stride(block_units):
+    """Total stride of the stem: 4 for the root (conv and pool), x2 per stage after the first."""
+    return 4 * 2 ** max(len(block_units) - 1, 0)
+
+
+def resnet_channels(block_units, width_factor):
+    """Output channels: the root's width, or 4x the last stage's bottleneck width."""
+    width = int(64 * width_factor)
+    return width if not block_units else width * 2 ** (len(block_units) - 1) * 4
 
 
 def _std_conv(filters, kernel_size, strides, name, prestandardized):
@@ -76,7 +87,8 @@ class ResNetUnit(keras.layers.Layer):
         self.gn2.build(shape)
         self.conv3 = _std_conv(out, 1, 1, "conv3", self.prestandardized)
         self.conv3.build(shape)
-        self.gn3 = _group_norm("gn3")
+        # As the original, the last norm of the branch starts at zero: each unit starts as its shortcut.
+        self.gn3 = _group_norm("gn3", scale_initializer="zeros")
         self.gn3.build(self.conv3.compute_output_shape(shape))
         self.built = True
 
@@ -112,10 +124,12 @@ class ResNet(keras.layers.Layer):
     per entry of `block_units`; stage s (1-based) has width `64 * w * 2**(s-1)`
     and stride 1 for the first stage, 2 for the later ones. SAME padding
     everywhere. Units are named `block{s}_unit{u}` (the original's
-    `block{s}/unit{u}`). Total stride: `4 * 2**(len(block_units) - 1)`.
+    `block{s}/unit{u}`). Total stride: `4 * 2**(len(block_units) - 1)`, and
+    4 for the root alone (`block_units=()`, as R+ViT-Ti/16).
 
     Args:
-        block_units: tuple of int. Units per stage, e.g. `(3, 4, 9)` for R50.
+        block_units: tuple of int. Units per stage, e.g. `(3, 4, 9)` for R50;
+            `()` for the root alone.
         width_factor: float. Multiplies the base width 64. Defaults to 1.
         prestandardized: bool. The convs' stored kernels are already
             standardised (see `StdConv2D`). Defaults to False.
@@ -139,7 +153,7 @@ class ResNet(keras.layers.Layer):
 
     @property
     def stride(self):
-        return 4 * 2 ** (len(self.block_units) - 1)
+        return resnet_stride(self.block_units)
 
     def build(self, input_shape):
         self.conv_root = _std_conv(self.width, 7, 2, "conv_root", self.prestandardized)
@@ -185,7 +199,7 @@ class ResNet(keras.layers.Layer):
         s = self.stride
         h = None if h is None else -(-h // s)
         w = None if w is None else -(-w // s)
-        return (b, h, w, self.width * 2 ** (len(self.block_units) - 1) * 4)
+        return (b, h, w, resnet_channels(self.block_units, self.width_factor))
 
     def get_config(self):
         config = super().get_config()
