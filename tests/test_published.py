@@ -154,3 +154,21 @@ def tiny_vit_gap():
 @pytest.fixture(scope="module")
 def tiny_rti():
     return Case("tiny_rti")
+
+
+def test_readme_table_lists_every_builder_and_weights():
+    """The README's model table is this table of presets and the original's parameter counts."""
+    import pathlib
+
+    from vit_keras import presets
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    for name, config in presets.CONFIGS.items():
+        names = []
+        for weights in presets.WEIGHT_NAMES:
+            found = [p for p in presets.PRESETS if p.model == name and p.weights == weights]
+            if found:
+                names.append(f"`{weights}`: {', '.join(str(p.resolution) for p in found)}; {found[0].classes}")
+        row = (f"| `{name}` | {presets.TITLES[name]} | {ORIGINAL_SIZES[name]:,} | {config['dropout']} | "
+               f"{'<br>'.join(names) or 'none published'} |")
+        assert row in readme, row

@@ -55,7 +55,8 @@ def build_model(
         hidden_size: int. Token width.
         num_heads: int. Attention heads.
         mlp_dim: int. MLP hidden width.
-        classes: int. Outputs of the head.
+        classes: int or None. Outputs of the head; None takes the
+            checkpoint's (with `weights`).
         dropout: float. Dropout after the embedding and inside the blocks.
             Defaults to 0.1.
         attention_dropout: float. Dropout on the attention weights. Defaults
@@ -98,6 +99,8 @@ def build_model(
     """
     if classifier not in CLASSIFIERS:
         raise ValueError(f"Unknown classifier {classifier!r}; use one of {CLASSIFIERS}.")
+    if classes is None and weights is None:
+        raise ValueError("classes=None takes the checkpoint's head classes: it needs weights.")
     height, width = _image_shape(image_size)
     params = None
     if weights is not None:
@@ -105,6 +108,8 @@ def build_model(
 
         path = checkpoint.resolve(weights)
         params = checkpoint.read(path)
+        if classes is None:
+            classes = checkpoint.head_classes(params)
         if representation_size is None and checkpoint.representation_size(params):
             head_kept = (include_top and pretrained_top and checkpoint.head_classes(params) == classes)
             keep = head_kept if keep_pre_logits is None else keep_pre_logits

@@ -27,7 +27,8 @@ _DOC = """Builds {title}.
 
     Args:
         image_size: int or (height, width). Input resolution. Defaults to 224.
-        classes: int. Outputs of the head. Defaults to 1000.
+        classes: int or None. Outputs of the head; None takes the
+            checkpoint's (21843 for the ImageNet-21k files). Defaults to 1000.
         activation: str. Activation of the head. Defaults to "linear".
         include_top: bool. False outputs the pooled representation.
             Defaults to True.
@@ -72,7 +73,7 @@ def _entry(model_name):
         if pretrained and weights is None:
             raise ValueError(f"{model_name} has no published weights: pass pretrained=False or a path/URL.")
         path = checkpoint.resolve(weights, model=model_name, image_size=image_size) if pretrained else None
-        imagenet_top = pretrained and pretrained_top and include_top and classes == 1000
+        imagenet_top = pretrained and pretrained_top and include_top and classes in (1000, None)
         names = get_imagenet_classes() if imagenet_top and weights in IMAGENET_1K else None
         return build_model(
             **dict(config, dropout=config["dropout"] if dropout is None else dropout),

@@ -1,0 +1,105 @@
+"""Top-1/top-5 accuracy with the original evaluation preprocessing, streamed in batches."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vit_keras import data, presets
+from vit_keras.model import build_model
+from vit_keras.vit import BUILDERS, preprocess_inputs
+
+
+def load_model(model, weights=None, image_size=None):
+    """A model to evaluate: a `keras.Model`, a `.keras` file, or a builder name with `weights`.
+
+    A builder name loads `weights` (its default published checkpoint when
+    None) with the checkpoint's own head, at `image_size` (default: the
+    checkpoint's resolution).
+    """
+    if isinstance(model, keras.Model):
+        return model
+    if isinstance(model, str) and model.endswith(".keras"):
+        if not os.path.isfile(model):
+            raise ValueError(f"{model}: no such .keras file.")
+        return keras.saving.load_model(model)
+    if model not in BUILDERS:
+        raise ValueError(f"Unknown model {model!r}; use a builder name ({', '.join(BUILDERS)}) or a .keras file.")
+    weights = weights or presets.default_weights(model)
+    if weights is None:
+        raise ValueError(f"{model} has no published weights: pass --weights (an .npz path or URL).")
+    if image_size is None:
+        image_size = presets.find_preset(model, weights).resolution if weights in presets.WEIGHT_NAMES else 224
+    # classes=None: the head as the checkpoint has it.
+    return BUILDERS[model](image_size=image_size, classes=None, weights=weights)
+
+
+def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_size=32,
+             data_dir=None, download=False, verbose=1):
+    """Top-1 and top-5 accuracy of `model` on a split of `dataset`.
+
+    Preprocessing is the original's evaluation: decode, resize to the model's
+    resolution (bilinear, no crop), `x / 127.5 - 1`. Images stream through in
+    batches of `batch_size` under a Keras progress bar.
+
+    Args:
+        model: keras.Model, str. A model, a `.keras` file or a builder name.
+        dataset: str. "digits", a folder of class folders, or a TFDS name.
+        weights: str or None. For a builder name: a published name, path or
+            URL. Defaults to the builder's default checkpoint.
+        image_size: int or (h, w) or None. For a builder name. Defaults to the
+            checkpoint's resolution.
+        split: str. "test", "validation" or "train". Defaults to "test".
+        batch_size: int. Images per forward pass. Defaults to 32.
+        data_dir: str or None. TFDS data directory. Defaults to None.
+        download: bool. Let TFDS download the dataset. Defaults to False.
+        verbose: int. 1 shows a progress bar. Defaults to 1.
+
+    Returns:
+        dict with `top1`, `top5`, `count`, `model`, `dataset`, `split`, `image_size`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if split not in ("test", "validation", "train"):
+        raise ValueError(f"Unknown split {split!r}; use test, validation or train.")
+    model = load_model(model, weights, image_size)
+    splits = data.load(dataset, data_dir=data_dir, download=download)
+    classes = model.output_shape[-1]
+    if classes != len(splits.class_names):
+        raise ValueError(f"Model {model.name!r} has {classes} outputs but {dataset} has "
+                         f"{len(splits.class_names)} classes.")
+    height, width = model.input_shape[1:3]
+
+    def prepare(image, label):
+        image = tf.image.resize(data._decode(image), (height, width))  # bilinear, as the original
+        return preprocess_inputs(tf.clip_by_value(image, 0.0, 255.0)), label
+
+    ds = getattr(splits, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    total = int(getattr(splits, split).cardinality().numpy())
+    bar = keras.utils.Progbar(total if total > 0 else None, verbose=verbose, unit_name="image")
+    top1 = top5 = seen = 0
+    k = min(5, classes)
+    for images, labels in ds:
+        logits = np.asarray(model(images, training=False), dtype="float32")
+        labels = np.asarray(labels)
+        best = np.argsort(-logits, axis=-1)[:, :k]
+        top1 += int(np.sum(best[:, 0] == labels))
+        top5 += int(np.sum(np.any(best == labels[:, None], axis=-1)))
+        seen += len(labels)
+        bar.update(seen, values=[("top1", top1 / seen)])
+    if not seen:
+        raise ValueError(f"The {split} split of {dataset} is empty.")
+    size = (height, width) if height != width else height
+    return {"model": model.name, "dataset": dataset, "split": split, "image_size": size,
+            "count": seen, "top1": top1 / seen, "top5": top5 / seen}
+
+
+def write_json(result, path):
+    """Writes the result as JSON, atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+    return path
