@@ -6,8 +6,10 @@ resolution, batches and prefetches, producing `([-1, 1] images, one-hot labels)`
 """
 
 import dataclasses
+import logging
 import os
 import pathlib
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -15,6 +17,8 @@ import tensorflow as tf
 from vit_keras.vit import preprocess_inputs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+logger = logging.getLogger("vit_keras")
 
 
 @dataclasses.dataclass
@@ -59,21 +63,48 @@ def digits():
     )
 
 
-def image_folder(path, seed=0, fractions=(0.8, 0.1)):
-    """A folder with one sub-folder of images per class, split 80/10/10 by a seeded shuffle."""
+def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True):
+    """A folder with one sub-folder of images per class, split 80/10/10 by a seeded shuffle.
+
+    Hidden sub-folders (`.ipynb_checkpoints`) are no classes. With `check`, every
+    file is decoded once up front by the decoder training uses, and a folder with
+    any file that does not decode is refused with the names of those files (none
+    is skipped: a silently smaller dataset is worse than an error).
+    """
     root = pathlib.Path(path)
-    class_names = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not class_names:
-        raise ValueError(f"Image folder {path} has no class sub-folders.")
-    files, labels = [], []
+    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels, counts = [], [], {}
     for label, name in enumerate(class_names):
         found = sorted(
             str(f) for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
         )
         files += found
         labels += [label] * len(found)
+        counts[name] = len(found)
+    with_images = [name for name in class_names if counts[name]]
+    empty = [name for name in class_names if not counts[name]]
+    if len(with_images) < 2:
+        raise ValueError(
+            f"Image folder {path} has {len(with_images)} class sub-folder(s) with images "
+            f"({', '.join(with_images) or 'none'}"
+            + (f"; empty: {', '.join(empty)}" if empty else "")
+            + f"); training needs at least two classes, each a sub-folder of "
+            f"{'/'.join(IMAGE_EXTENSIONS)} files."
+        )
+    if empty:
+        logger.warning("Image folder %s: class folder(s) %s hold no images; the model still gets "
+                       "an output for each.", path, ", ".join(empty))
     if len(files) < 3:
         raise ValueError(f"Image folder {path} has {len(files)} images; it needs at least 3.")
+    if check:
+        bad = undecodable(files)
+        if bad:
+            shown = "; ".join(f"{f}: {reason}" for f, reason in bad[:10])
+            more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise ValueError(
+                f"Image folder {path}: {len(bad)} of {len(files)} files cannot be decoded "
+                f"(remove or replace them): {shown}{more}"
+            )
     order = np.random.default_rng(seed).permutation(len(files))
     files, labels = np.array(files)[order], np.array(labels, "int64")[order]
     n_train = max(1, int(fractions[0] * len(files)))
@@ -91,6 +122,36 @@ def image_folder(path, seed=0, fractions=(0.8, 0.1)):
         class_names=class_names,
         num_train=n_train,
     )
+
+
+def undecodable(files):
+    """`[(file, reason)]` for each file that TensorFlow's image decoder (the pipeline's) rejects.
+
+    Every file is read and decoded once, in parallel; only the failures are
+    decoded a second time, to give their reason.
+    """
+    files = [str(f) for f in files]
+    if not files:
+        return []
+
+    def decode(index, file):
+        image = tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
+        return index, tf.shape(image)
+
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(files)), files))
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
+    good = {int(index) for index, _ in ds.as_numpy_iterator()}
+    return [(f, _decode_error(f)) for i, f in enumerate(files) if i not in good]
+
+
+def _decode_error(file):
+    try:
+        tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
+    except tf.errors.OpError as e:
+        lines = [line.strip() for line in (e.message or "").splitlines() if line.strip()]
+        text = re.sub(r"\{\{.*?\}\}\s*", "", lines[0] if lines else "")
+        return re.sub(r"\s*\[Op:\w+\].*$", "", text) or type(e).__name__
+    return "could not be decoded"
 
 
 def tfds_dataset(name, data_dir=None, download=False):

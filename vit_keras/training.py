@@ -7,13 +7,16 @@
 import collections
 import json
 import logging
+import numbers
 import os
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 import keras
+import numpy as np
 
 from vit_keras import data as data_lib
 from vit_keras import distribute, presets
@@ -25,6 +28,33 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 Result = collections.namedtuple("Result", ["metrics", "model"])
 
+# What a completed run leaves in `out` (its backup is gone by then).
+FINISHED_FILES = ("model.keras", "metrics.json")
+
+
+class TrainingDiverged(FloatingPointError, ValueError):
+    """The loss or the weights stopped being finite numbers; nothing after that was saved."""
+
+
+def _umask():
+    """The process umask, read without changing it where Linux tells it (no race with threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp, path):
+    """Renames a `mkstemp` file (created 0600) into place with the mode the umask gives new files."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
 
 def atomic_save(model, path):
     """Saves a `.keras` file through a temporary file and a rename."""
@@ -34,7 +64,7 @@ def atomic_save(model, path):
     os.close(fd)
     try:
         model.save(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -42,9 +72,13 @@ def atomic_save(model, path):
 
 def atomic_write_json(obj, path):
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def make_optimizer(name, learning_rate, total_steps, warmup_steps, weight_decay=0.0,
@@ -81,6 +115,8 @@ class ResumableBackup(keras.callbacks.Callback):
         self.directory = directory
         self.every = every
         self.step, self.elapsed = 0, 0.0  # restored by `restore`
+        self.saved = 0  # the step of the backup on disk
+        self.run = uuid.uuid4().hex  # one id for a run and all its resumptions
         self.started = time.time()
 
     @property
@@ -101,8 +137,13 @@ class ResumableBackup(keras.callbacks.Callback):
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.weights_path)
         self.step, self.elapsed = state["step"], state["elapsed"]
+        self.saved, self.run = self.step, state.get("run")
         self.started = time.time()
         return self.step, self.elapsed
+
+    def due(self):
+        """Whether the batch now ending will be backed up."""
+        return (self.step + 1) % self.every == 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
@@ -115,21 +156,25 @@ class ResumableBackup(keras.callbacks.Callback):
         self.model.save_weights(tmp, overwrite=True)
         os.replace(tmp, self.weights_path)  # the weights first: a state file never points ahead
         elapsed = self.elapsed + time.time() - self.started
-        atomic_write_json({"step": self.step, "elapsed": elapsed}, self.state_path)
+        atomic_write_json({"step": self.step, "elapsed": elapsed, "run": self.run}, self.state_path)
+        self.saved = self.step
 
 
 class BestAndLast(keras.callbacks.Callback):
     """Keeps `last.keras` and `best.keras` (by `monitor`), both written atomically."""
 
-    def __init__(self, directory, monitor="val_top1"):
+    def __init__(self, directory, monitor="val_top1", run=None):
         super().__init__()
         self.directory = directory
         self.monitor = monitor
+        self.run = run
         self.record = os.path.join(directory, "best.json")
         self.best = None
         if os.path.exists(self.record):
             with open(self.record) as f:
-                self.best = json.load(f)["value"]
+                record = json.load(f)
+            if record.get("run") == run:  # not a record of an earlier run in the same folder
+                self.best = record["value"]
 
     def on_epoch_end(self, epoch, logs=None):
         atomic_save(self.model, os.path.join(self.directory, "last.keras"))
@@ -137,7 +182,94 @@ class BestAndLast(keras.callbacks.Callback):
         if value is not None and (self.best is None or value > self.best):
             self.best = float(value)
             atomic_save(self.model, os.path.join(self.directory, "best.keras"))
-            atomic_write_json({"value": self.best, "epoch": epoch + 1}, self.record)
+            atomic_write_json({"value": self.best, "epoch": epoch + 1, "run": self.run}, self.record)
+
+
+def _finite(model):
+    """Whether every float weight and optimizer variable of `model` is a finite number."""
+    variables = list(model.weights)
+    if model.optimizer is not None:
+        variables += list(model.optimizer.variables)
+    checks = [keras.ops.all(keras.ops.isfinite(v)) for v in variables if "float" in str(v.dtype)]
+    return bool(keras.ops.all(keras.ops.stack(checks))) if checks else True  # one device-to-host copy
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """Keras's `TerminateOnNaN(raise_error=True)`, raising `TrainingDiverged`, placed first.
+
+    It also checks the weights before the backup and the epoch-end models are
+    written, so that neither is ever replaced by non-finite weights.
+    """
+
+    def __init__(self, backup, learning_rate):
+        super().__init__(raise_error=True)
+        self.backup = backup
+        self.learning_rate = learning_rate
+
+    def on_train_batch_end(self, batch, logs=None):
+        try:
+            self.on_batch_end(batch, logs)
+        except RuntimeError:
+            raise self.error(f"the loss is {float(logs['loss'])}") from None
+        if self.backup.due() and not _finite(self.model):
+            raise self.error("the weights are no longer finite numbers")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite(self.model):
+            raise self.error("the weights are no longer finite numbers")
+
+    def error(self, what, step=None):
+        step = self.backup.step + 1 if step is None else step
+        if self.backup.saved:
+            kept = (f"the last backup (step {self.backup.saved}) is kept in {self.backup.directory}: "
+                    "start again with the same output folder and a lower learning rate to resume "
+                    "from it, or delete that folder to start over")
+        else:
+            kept = "no backup had been made yet"
+        return TrainingDiverged(
+            f"Training diverged at step {step}: {what} (learning rate {self.learning_rate:g}). "
+            f"Stopped without writing model.keras; {kept}."
+        )
+
+
+def _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, warmup_steps,
+                     learning_rate, crop_area):
+    def is_int(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if backup_every is not None and (not is_int(backup_every) or backup_every < 1):
+        raise ValueError(f"backup_every must be a positive integer (steps) or None, got {backup_every!r}.")
+    if warmup_steps is not None and (not is_int(warmup_steps) or warmup_steps < 0):
+        raise ValueError(f"warmup_steps must be a non-negative integer or None, got {warmup_steps!r}.")
+    if image_size is not None:
+        if is_int(image_size):
+            sizes = (image_size,)
+        else:
+            sizes = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
+        if len(sizes) not in (1, 2) or not all(is_int(v) and v > 0 for v in sizes):
+            raise ValueError(
+                f"image_size must be a positive integer or a (height, width) pair of them, got {image_size!r}."
+            )
+    if not isinstance(learning_rate, numbers.Real) or not np.isfinite(learning_rate) or learning_rate < 0:
+        raise ValueError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}.")
+    if crop_area is not None:
+        try:
+            lo, hi = (float(v) for v in crop_area)
+        except (TypeError, ValueError):
+            lo = hi = float("nan")
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_area must be a (min, max) share of the image area with "
+                             f"0 < min <= max <= 1, got {crop_area!r}.")
+
+
+def _finished_run(out_dir):
+    """The files of a completed run in `out_dir`; none where a backup is there to resume."""
+    if os.path.exists(os.path.join(out_dir, "backup", "state.json")):
+        return []
+    return [name for name in FINISHED_FILES if os.path.exists(os.path.join(out_dir, name))]
 
 
 def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
@@ -158,11 +290,13 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
         if weights in presets.WEIGHT_NAMES:
             from vit_keras import checkpoint
 
-            weights = checkpoint.resolve(weights, model=spec)
+            weights = checkpoint.resolve(weights, model=spec, image_size=image_size)
     else:
         config = dict(spec)
     config["image_size"] = image_size or config.get("image_size", 224)
-    config.update(classes=num_classes, class_names=class_names, dropout=dropout)
+    config.update(classes=num_classes, class_names=class_names)
+    if dropout is not None:  # else the original config's (0.1 for R50+ViT-B/16, ...)
+        config["dropout"] = dropout
     if weights:
         config["weights"] = weights
     return build_model(**config)
@@ -185,7 +319,7 @@ def train(
     grad_accum=1,
     clipnorm=1.0,
     label_smoothing=0.0,
-    dropout=0.0,
+    dropout=None,
     randaugment=False,
     mixup=False,
     cutmix=False,
@@ -195,6 +329,7 @@ def train(
     jit_compile=False,
     seed=0,
     backup_every=None,
+    overwrite=False,
     verbose="auto",
 ):
     """Trains or fine-tunes a model with `model.fit` and writes everything to `out`.
@@ -211,10 +346,25 @@ def train(
         dataset: str. `digits`, a folder of class folders, or a TFDS name.
         weights: str or None. A checkpoint to start from: a preset name
             (`imagenet21k`), a path or URL of an `.npz` file. The head is
-            replaced when the class count differs.
+            replaced when the class count differs (and a `pre_logits` layer
+            dropped, as the original's fine-tuning does).
+        dropout: float or None. None keeps the model's original config
+            (0.1 for `vit_r50_b16`, 0.0 for `vit_b16`, ...).
         precision: str. `float32`, `mixed_bfloat16` or `mixed_float16`.
         strategy: str or None. None, `mirrored`, `multi_worker` or `tpu`.
+        overwrite: bool. Whether to start over in an `out` that holds a finished
+            run (its `model.keras` or `metrics.json`); without it that raises
+            `FileExistsError`. Its files are replaced as the new run writes
+            its own. An unfinished run (one with a backup) always resumes.
         Other arguments: see `vit-keras train --help`.
+
+    Raises:
+        ValueError: a non-positive epoch count, batch size, image size or
+            gradient accumulation, and other arguments or data that cannot train.
+        FileExistsError: `out` holds a finished run and `overwrite` is False.
+        TrainingDiverged: (a `ValueError` and `FloatingPointError`) the loss or
+            the weights became NaN or infinite; neither `model.keras` nor the
+            backup is written from that point.
 
     Returns:
         `Result(metrics, model)`: the metrics dict that is also written to
@@ -222,13 +372,21 @@ def train(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; use one of {PRECISIONS}.")
+    _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, warmup_steps,
+                     learning_rate, crop_area)
     keras.utils.set_random_seed(seed)
     dist = distribute.get_strategy(strategy)
     is_chief = distribute.is_chief(dist)
     # Only the chief writes to `out`; other workers write to a scratch folder.
     out_dir = out if is_chief else os.path.join(out, f".worker-{distribute.task_id()}")
-    os.makedirs(out_dir, exist_ok=True)
+    finished = _finished_run(out_dir)
+    if finished and not overwrite:
+        raise FileExistsError(
+            f"{out} holds a finished run ({', '.join(finished)}); pass --overwrite "
+            "(overwrite=True) to train again there, or choose another output folder."
+        )
     splits = data_lib.load(dataset, data_dir=data_dir, download=download)
+    os.makedirs(out_dir, exist_ok=True)
     num_classes = len(splits.class_names)
     steps_per_epoch = splits.num_train // batch_size
     if steps_per_epoch < 1:
@@ -267,9 +425,13 @@ def train(
     resumed_from = step = backup.restore(net)[0]
     if step:
         logger.warning("Resuming %s at step %d of %d.", out, step, total_steps)
+    elif finished:
+        logger.warning("Training again in %s (overwrite): its finished run's files are replaced "
+                       "as this run writes its own.", out)
     callbacks = [
+        StopOnNaN(backup, learning_rate),  # first: it checks before anything is written
         backup,
-        BestAndLast(out_dir),
+        BestAndLast(out_dir, run=backup.run),
         keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False),
     ]
@@ -283,6 +445,9 @@ def train(
         epoch += 1
     if epoch < epochs:
         net.fit(train_ds, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch, **fit)
+    if not _finite(net):  # e.g. a resumed run with nothing left to train
+        raise StopOnNaN(backup, learning_rate).error("the weights are no longer finite numbers",
+                                                     step=backup.step)
     results = net.evaluate(test_ds, return_dict=True, verbose=0)
     wall = backup.elapsed + time.time() - backup.started
     metrics = {
