@@ -172,3 +172,21 @@ def test_readme_table_lists_every_builder_and_weights():
         row = (f"| `{name}` | {presets.TITLES[name]} | {ORIGINAL_SIZES[name]:,} | {config['dropout']} | "
                f"{'<br>'.join(names) or 'none published'} |")
         assert row in readme, row
+
+
+def test_attention_map_of_a_model_without_class_token(tiny_vit_gap):
+    """gap pools every token: the map is the rollout averaged over all rows (numpy here)."""
+    from vit_keras import visualize
+
+    model = tiny_vit_gap.model()
+    weights = [tiny_vit_gap.expected[f"attn_{i}"].astype("float64") for i in range(2)]
+    result = None
+    for w in weights:
+        a = w.mean(axis=1) + np.eye(6)
+        a = a / a.sum(-1, keepdims=True)
+        result = a if result is None else a @ result
+    expected = result.mean(axis=1).reshape(-1, 2, 3)
+    expected = expected / expected.max(axis=(1, 2), keepdims=True)
+    assert_close(visualize.rollout_grid(weights, (2, 3)), expected, 1e-6)
+    heat = visualize.attention_heatmap(model, tiny_vit_gap.images)
+    assert heat.shape == (2, 32, 48) and heat.max() == pytest.approx(1.0, abs=1e-3)

@@ -49,8 +49,16 @@ def rollout(weights, head_fusion="mean", discard_ratio=0.0):
 
 
 def rollout_grid(weights, grid, head_fusion="mean", discard_ratio=0.0):
-    """The class token's rollout over the patch grid, `[batch, rows, cols]`, scaled to max 1."""
-    r = rollout(weights, head_fusion, discard_ratio)[:, 0, 1:]
+    """The class token's rollout over the patch grid, `[batch, rows, cols]`, scaled to max 1.
+
+    A model without a class token (the `gap` and `unpooled` classifiers) pools
+    all tokens, so its map is the rollout averaged over every token's row.
+    """
+    r = rollout(weights, head_fusion, discard_ratio)
+    if r.shape[-1] == grid[0] * grid[1]:
+        r = ops.mean(r, axis=1)
+    else:
+        r = r[:, 0, 1:]
     r = ops.reshape(r, (-1, grid[0], grid[1]))
     return r / ops.maximum(ops.max(r, axis=(1, 2), keepdims=True), 1e-12)
 
