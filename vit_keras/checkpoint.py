@@ -104,32 +104,28 @@ def _headers(path):
     return found
 
 
-def _read_arrays(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint file.")
-    try:
-        _headers(path)
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable .npz checkpoint ({e}).") from None
-    except ValueError as e:
-        if str(e).startswith(str(path)):
-            raise
-        raise ValueError(f"{path} is not an .npz checkpoint ({e}).") from None
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
 def check_npz(path):
     """Raises ValueError unless `path` is a readable `.npz` of float arrays (headers only)."""
     try:
-        _headers(path)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        return _headers(path)
+    except _ZIP_ERRORS as e:
         raise ValueError(f"{path} is not a readable .npz checkpoint ({e}).") from None
 
 
 def read_npz(path):
     """Reads an `.npz` checkpoint into a dict as stored (no pickles, nothing rewritten)."""
-    return _read_arrays(os.fspath(path))
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint file.")
+    check_npz(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except _ZIP_ERRORS as e:  # e.g. a bit flipped inside an array: the CRC no longer matches
+        raise ValueError(f"{path} is not a readable .npz checkpoint ({e}).") from None
 
 
 # ----------------------------------------------------------------------------- layout quirks
@@ -206,7 +202,7 @@ def read(path):
     Every array is checked before anything is used: floating point, finite,
     and no bigger than the file; the layout is rewritten to the published names.
     """
-    params = canonical(_read_arrays(path), path)
+    params = canonical(read_npz(path), path)
     bad = sorted(k for k, v in params.items() if not np.all(np.isfinite(v)))
     if bad:
         raise ValueError(

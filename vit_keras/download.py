@@ -113,9 +113,7 @@ def fetch(url, sha256=None, check=None, timeout=TIMEOUT, retries=RETRIES):
             return final
         except ValueError as e:  # complete, but not the file we want: no point retrying
             raise DownloadError(f"Download of {url} is corrupt: {_reason(e)}") from None
-        except (Exception, KeyboardInterrupt) as e:  # get_file raises bare Exceptions
-            if isinstance(e, KeyboardInterrupt):
-                raise
+        except Exception as e:  # get_file raises bare Exceptions
             errors.append(_reason(e))
             logger.warning("Download of %s failed (attempt %d of %d): %s", url, attempt + 1,
                            1 + retries, errors[-1])
