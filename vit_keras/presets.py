@@ -3,9 +3,9 @@
 import dataclasses
 
 
-def _vit(patch, layers, width, heads, mlp, dropout, **extra):
+def _vit(patch, layers, width, heads, mlp, dropout, classifier="token", **extra):
     return dict(patch_size=patch, num_layers=layers, hidden_size=width, num_heads=heads,
-                mlp_dim=mlp, dropout=dropout, **extra)
+                mlp_dim=mlp, dropout=dropout, classifier=classifier, **extra)
 
 
 # The original configs (vit_jax/configs/models.py), dropout included (attention dropout is

@@ -43,8 +43,9 @@ _DOC = """Builds {title}.
             ({dropout}). Defaults to None.
         attention_dropout: float or None. Dropout on attention weights; None
             takes the original config's (0.0). Defaults to None.
-        classifier: str. "token", "gap", "unpooled" or "token_unpooled" (see
-            `build_model`). Defaults to "token".
+        classifier: str or None. "token", "gap", "unpooled" or
+            "token_unpooled" (see `build_model`); None takes the original
+            config's ("token"). Defaults to None.
         keep_pre_logits: bool or None. Keep a checkpoint's `pre_logits` layer
             when the head is new (see `build_model`). Defaults to None.
 
@@ -67,7 +68,7 @@ def _entry(model_name):
         weights=default,
         dropout=None,
         attention_dropout=None,
-        classifier="token",
+        classifier=None,
         keep_pre_logits=None,
     ):
         if pretrained and weights is None:
@@ -76,13 +77,13 @@ def _entry(model_name):
         imagenet_top = pretrained and pretrained_top and include_top and classes in (1000, None)
         names = get_imagenet_classes() if imagenet_top and weights in IMAGENET_1K else None
         return build_model(
-            **dict(config, dropout=config["dropout"] if dropout is None else dropout),
+            **dict(config, dropout=config["dropout"] if dropout is None else dropout,
+                   classifier=classifier or config["classifier"]),
             attention_dropout=attention_dropout or 0.0,
             image_size=image_size,
             classes=classes,
             activation=activation,
             include_top=include_top,
-            classifier=classifier,
             name=model_name.replace("_", "-"),
             weights=path,
             pretrained_top=pretrained_top,
