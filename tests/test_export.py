@@ -242,3 +242,156 @@ def test_serving_warmup_file(demo_model, tmp_path):
     blobs = tf.make_ndarray(proto)
     out = tf.saved_model.load(path).signatures["serving_default"](image_bytes=tf.constant(blobs))
     assert out["probabilities"].shape == (1, 10)
+
+
+# ----------------------------------------------------------------------------- careless input, memory
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A tiny ViT (32x32, one block) with a random head, so its classes differ."""
+    import vit_keras
+
+    model = vit_keras.build_model(32, 16, num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64, classes=3)
+    head = model.get_layer("head")
+    head.kernel.assign(np.random.default_rng(0).normal(0, 0.5, head.kernel.shape).astype("float32"))
+    return model
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_the_run_folder(tiny_model, tmp_path, capsys):
+    """Issue 11: `--out R --overwrite` with R the run folder deleted the model, metrics and logs."""
+    import keras
+
+    from vit_keras import cli
+
+    run = tmp_path / "runs" / "exp" / "1"  # a run folder that a SavedModel version path can also name
+    run.mkdir(parents=True)
+    tiny_model.save(run / "model.keras")
+    (run / "metrics.json").write_text(json.dumps({"dataset": "digits"}))
+    (run / "logs").mkdir()
+    (run / "logs" / "train.csv").write_text("epoch,loss\n0,1.0\n")
+    before = snapshot(run)
+    model = str(run / "model.keras")
+    for args in (["--format", "tflite", "--out", str(run), "--variants", "float32"],
+                 ["--format", "saved_model", "--out", str(tmp_path / "runs"), "--name", "exp", "--version", "1"]):
+        code = cli.main(["export", "--model", model, *args, "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and str(run) in err and "contains the input model" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert snapshot(run) == before
+    keras.saving.load_model(run / "model.keras")
+    # A SavedModel version folder that is not an earlier export (the user's files) is refused too.
+    (run / "m" / "1").mkdir(parents=True)
+    (run / "m" / "1" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="was not written by vit-keras export"):
+        export.export_saved_model(tiny_model, str(run), name="m", version=1, overwrite=True)
+    assert (run / "m" / "1" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_only_an_earlier_export(tiny_model, tmp_path):
+    out = tmp_path / "lite"
+    export.export_tflite(tiny_model, str(out), variants=["float32"])
+    manifest = json.loads((out / export.MANIFEST).read_text())
+    assert sorted(manifest["files"]) == ["class_names.json", "float32.tflite"]
+    export.export_tflite(tiny_model, str(out), variants=["float32"], overwrite=True)  # an earlier export: replaced
+    # A file the user put into the export folder is not lost: the folder is not replaced.
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="files the export did not write.*my_notes.txt"):
+        export.export_tflite(tiny_model, str(out), variants=["float32"], overwrite=True)
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "float32.tflite").exists()
+    # A file where the folder would go is not replaced either, nor is a `.old` folder beside it touched.
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an export folder"):
+        export.export_tflite(tiny_model, str(tmp_path / "file"), variants=["float32"], overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["file", "lite"]
+
+
+def test_exports_follow_the_umask(tiny_model, tmp_path):
+    """Issue 11: mkdtemp made the export 0700, unreadable to a TF Serving process of another user."""
+    old = os.umask(0o022)
+    try:
+        export.export_tflite(tiny_model, str(tmp_path / "lite"), variants=["float32"])
+        path = export.export_saved_model(tiny_model, str(tmp_path / "serving"), name="tiny")
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "lite", tmp_path / "serving"):
+        folders = [root, *[p for p in root.rglob("*") if p.is_dir()]]
+        files = [p for p in root.rglob("*") if p.is_file()]
+        assert files and {oct(p.stat().st_mode & 0o777) for p in folders} == {"0o755"}, root
+        assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}, root
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--version", "-1"], "must be a positive integer"),
+    (["--version", "0"], "must be a positive integer"),
+    (["--name", "../x"], "must be a plain name"),
+    (["--name", "a/b"], "must be a plain name"),
+])
+def test_export_refuses_bad_version_and_name(args, message, tmp_path, capsys):
+    from vit_keras import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--model", str(tmp_path / "m.keras"), "--format", "saved_model",
+                  "--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_saved_model_refuses_bad_version_and_name(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="must be a plain folder name"):
+        export.export_saved_model(tiny_model, str(tmp_path / "serving"), name="../escaped")
+    with pytest.raises(ValueError, match="version must be a positive integer"):
+        export.export_saved_model(tiny_model, str(tmp_path / "serving"), name="m", version=-1)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "serving").exists()
+
+
+def test_parity_table_runs_in_bounded_batches(tiny_model, tmp_path, monkeypatch):
+    """Issue 16: the parity table pushed every image through Keras and each interpreter at once."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    images = np.random.default_rng(3).integers(0, 256, (10, 32, 32, 3)).astype("uint8")
+    files = export.export_tflite(tiny_model, str(tmp_path / "lite"), variants=["float32", "int8"],
+                                 representative_images=images)
+    # Independent figures: Keras on all images at once, each file through a plain interpreter at once.
+    reference = reference_probabilities(tiny_model, images)
+    expected = {}
+    for variant, path in files.items():
+        interpreter = Interpreter(model_path=path)
+        inp = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(inp["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], images.astype(inp["dtype"]))
+        interpreter.invoke()
+        out = interpreter.get_output_details()[0]
+        probs = interpreter.get_tensor(out["index"]).astype("float32")
+        if out["dtype"] != np.float32:
+            probs = (probs - out["quantization"][1]) * out["quantization"][0]
+        expected[variant] = probs
+    # Spy on what the parity table asks of LiteRT and Keras (the real calls run).
+    resized, keras_batches = [], []
+    original_resize = Interpreter.resize_tensor_input
+    monkeypatch.setattr(Interpreter, "resize_tensor_input",
+                        lambda self, index, shape, **kw: (resized.append(tuple(shape)),
+                                                          original_resize(self, index, shape, **kw))[1])
+    original_probabilities = export.probabilities
+    monkeypatch.setattr(export, "probabilities",
+                        lambda model, pixels: (keras_batches.append(int(pixels.shape[0]) if pixels.shape[0] else -1),
+                                               original_probabilities(model, pixels))[1])
+    rows = {r["variant"]: r for r in export.parity_table(tiny_model, files, images, batch_size=4)}
+    assert resized and max(shape[0] for shape in resized) <= 4, resized
+    assert keras_batches and max(keras_batches) <= 4, keras_batches
+    for variant, probs in expected.items():
+        assert rows[variant]["max_abs_diff"] == pytest.approx(float(np.abs(probs - reference).max()), abs=1e-6)
+        assert rows[variant]["top1_agreement"] == np.mean(probs.argmax(-1) == reference.argmax(-1))
+    # tflite_predict reuses a given interpreter; its input never grows beyond the batch.
+    interpreter = export.tflite_interpreter(files["float32"])
+    streamed = export.tflite_predict(interpreter, images, batch_size=3)
+    assert interpreter.get_input_details()[0]["shape"][0] <= 3
+    np.testing.assert_allclose(streamed, expected["float32"], atol=1e-6)

@@ -98,3 +98,80 @@ def test_attention_command_writes_pngs(demo_run, tmp_path):
                            "--model", str(out / "model.keras"), "--out", str(tmp_path / "maps")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "undecodable image" in done.stderr
+
+
+# ----------------------------------------------------------------------------- careless input
+
+
+@pytest.fixture(scope="module")
+def tiny_keras(tmp_path_factory):
+    """A tiny ViT saved as `.keras`, and a PNG it can read."""
+    folder = tmp_path_factory.mktemp("tiny_attention")
+    model = vit_keras.build_model(32, 16, num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64, classes=3)
+    model.save(folder / "model.keras")
+    image = folder / "x.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36, 3)).astype("uint8")).save(image)
+    return folder / "model.keras", image
+
+
+def attention(capsys, *args):
+    from vit_keras import cli
+
+    code = cli.main(["attention", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vit-keras: error: "), err
+    for word in words:
+        assert word in lines[0], (word, err)
+
+
+def test_attention_command_errors_are_one_line(tiny_keras, tmp_path, capsys):
+    """Issue 11: a missing file, a folder, a bad --out or a URL gave a TensorFlow traceback."""
+    model, image = tiny_keras
+    out = tmp_path / "maps"
+    missing = tmp_path / "missing.png"
+    code, _, err = attention(capsys, missing, "--model", model, "--out", out)
+    assert_one_line_error(code, err, str(missing), "cannot read the image")
+    code, _, err = attention(capsys, tmp_path, "--model", model, "--out", out)
+    assert_one_line_error(code, err, str(tmp_path), "is a folder")
+    url = "http://unreachable.invalid/cat.png"
+    code, _, err = attention(capsys, url, "--model", model, "--out", out)
+    assert_one_line_error(code, err, url, "cannot read the image")
+    code, _, err = attention(capsys, image, "--model", tmp_path / "nope.keras", "--out", out)
+    assert_one_line_error(code, err, str(tmp_path / "nope.keras"), "cannot load the model")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    code, _, err = attention(capsys, image, "--model", model, "--out", a_file)
+    assert_one_line_error(code, err, str(a_file), "is a file")
+    assert a_file.read_text() == "mine"
+    # A folder that cannot be written: read-only for a normal user; root writes anywhere, so it
+    # gets a folder the kernel refuses.
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    target = read_only if os.geteuid() != 0 else "/proc/vit-keras-attention"
+    code, _, err = attention(capsys, image, "--model", model, "--out", target)
+    assert_one_line_error(code, err, str(target))
+
+
+def test_attention_inputs_with_the_same_name_get_their_own_png(tiny_keras, tmp_path, capsys):
+    """Issue 11: a/x.png and b/x.png both wrote x_attention.png, the second over the first."""
+    model, image = tiny_keras
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3)).astype("uint8")
+        PIL.Image.fromarray(pixels).save(tmp_path / folder / "x.png")
+    out = tmp_path / "maps"
+    code, stdout, err = attention(capsys, tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", "--model", model,
+                                  "--out", out)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["x_2_attention.png", "x_attention.png"]
+    assert (out / "x_attention.png").read_bytes() != (out / "x_2_attention.png").read_bytes()
+    lines = stdout.strip().splitlines()
+    assert lines[0].endswith(f"-> {out / 'x_attention.png'}")
+    assert f"-> {out / 'x_2_attention.png'}" in lines[1] and "same file name" in lines[1]

@@ -6,13 +6,45 @@ import logging
 import sys
 
 
+def _integer(text, least):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
+    return value
+
+
+def _positive(text):
+    return _integer(text, 1)
+
+
+def _non_negative(text):
+    return _integer(text, 0)
+
+
 def _size(text):
-    parts = [int(p) for p in text.replace("x", ",").split(",")]
-    return parts[0] if len(parts) == 1 else tuple(parts)
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive size in pixels, or HEIGHTxWIDTH of them (384, 384x512), got {text!r}")
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
 
 
 def _area(text):
-    lo, hi = (float(p) for p in text.split(","))
+    try:
+        lo, hi = (float(p) for p in text.split(","))
+    except ValueError:
+        lo = hi = float("nan")
+    if not 0 < lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be MIN,MAX shares of the image area with 0 < MIN <= MAX <= 1 (0.05,1), got {text!r}")
     return lo, hi
 
 
@@ -26,17 +58,21 @@ def add_train_arguments(p):
     p.add_argument("--weights", default=None,
                    help="start from a checkpoint: imagenet21k, imagenet21k+imagenet2012, or an .npz path/URL")
     p.add_argument("--image-size", type=_size, default=None, help="resolution, e.g. 384 or 384x512")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    p.add_argument("--out", default="runs/train", help="output folder (resumes if it holds a backup)")
+    p.add_argument("--epochs", type=_positive, default=10)
+    p.add_argument("--batch-size", type=_positive, default=64, help="global batch size")
+    p.add_argument("--out", default="runs/train",
+                   help="output folder (resumes if it holds a backup; a finished run needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train again in an --out that holds a finished run (model.keras, metrics.json)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--lr", type=float, default=0.03, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--warmup-steps", type=_non_negative, default=None, help="default: 5%% of the steps")
+    p.add_argument("--grad-accum", type=_positive, default=1, help="gradient accumulation steps")
     p.add_argument("--clipnorm", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout rate (default: the original config's, e.g. 0.1 for vit_r50_b16)")
     p.add_argument("--randaugment", action="store_true")
     p.add_argument("--mixup", action="store_true")
     p.add_argument("--cutmix", action="store_true")
@@ -45,7 +81,7 @@ def add_train_arguments(p):
     p.add_argument("--precision", choices=("float32", "mixed_bfloat16", "mixed_float16"), default="float32")
     p.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backup-every", type=int, default=None, help="steps between backups (default: an epoch)")
+    p.add_argument("--backup-every", type=_positive, default=None, help="steps between backups (default: an epoch)")
 
 
 def _train_kwargs(args):
@@ -58,6 +94,7 @@ def _train_kwargs(args):
         dropout=args.dropout, randaugment=args.randaugment, mixup=args.mixup, cutmix=args.cutmix,
         crop_area=args.crop_area, strategy=args.strategy, precision=args.precision,
         jit_compile=args.jit_compile, seed=args.seed, backup_every=args.backup_every,
+        overwrite=args.overwrite,
     )
 
 
@@ -67,48 +104,143 @@ DEMO = dict(model="vit_hybrid_tiny", dataset="digits", image_size=64, epochs=60,
 
 
 def run_export(model_path, fmt, out, dataset=None, name=None, version=1, variants=None,
-               overwrite=False, calibration=200, parity=400):
-    """Exports a `.keras` model; for TFLite prints the parity table against Keras."""
-    import keras
+               overwrite=False, calibration=200, parity=400, batch_size=None):
+    """Exports a `.keras` model; for TFLite prints the parity table against Keras.
 
+    `--overwrite` replaces only an earlier export, never the folder that holds
+    the model. The parity table runs `batch_size` images at a time (default
+    `export.BATCH_SIZE`). Errors a user can fix are ValueError or
+    FileExistsError naming the path.
+    """
     from vit_keras import data, export
 
-    model = keras.saving.load_model(model_path)
-    if fmt == "saved_model":
-        path = export.export_saved_model(model, out, name=name or model.name, version=version,
-                                         overwrite=overwrite)
-        print(f"SavedModel -> {path}")
-        return path
-    dataset = dataset or _recorded_dataset(model_path)
-    if dataset is None:
-        raise ValueError("TFLite export needs --dataset for calibration and the parity check.")
-    splits = data.load(dataset)
-    size = model.input_shape[1:3]
-    calib, _ = data.pixels(splits.train, size, calibration)
-    held_out, _ = data.pixels(splits.test, size, parity)
-    files = export.export_tflite(model, out, variants=variants or export.TFLITE_VARIANTS,
-                                 representative_images=calib, overwrite=overwrite)
-    rows = export.parity_table(model, files, held_out)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"--version must be a positive integer, got {version!r}.")
+    if name is not None:
+        _plain_name(name)
+    model = _load_model(model_path)
+    keep = [model_path] if isinstance(model_path, str) else []
+    try:
+        if fmt == "saved_model":
+            path = export.export_saved_model(model, out, name=name or model.name, version=version,
+                                             overwrite=overwrite, keep=keep)
+            print(f"SavedModel -> {path}")
+            return path
+        dataset = dataset or _recorded_dataset(model_path)
+        if dataset is None:
+            raise ValueError("TFLite export needs --dataset for calibration and the parity check.")
+        splits = data.load(dataset)
+        size = model.input_shape[1:3]
+        calib, _ = data.pixels(splits.train, size, calibration)
+        held_out, _ = data.pixels(splits.test, size, parity)
+        files = export.export_tflite(model, out, variants=variants or export.TFLITE_VARIANTS,
+                                     representative_images=calib, overwrite=overwrite, keep=keep)
+        del calib
+        rows = export.parity_table(model, files, held_out, batch_size=batch_size or export.BATCH_SIZE)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{e.filename or out}: {e.strerror or e}") from None
     print(f"TFLite parity against Keras on {len(held_out)} held-out {dataset} images:")
     print(export.format_parity(rows))
     return rows
 
 
+def _positive_int(text):
+    """argparse type of --version (TF Serving's version folder) and --batch-size: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _plain_name(text):
+    """argparse type of --name: a folder name, not a path."""
+    if not text.strip() or ".." in text or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a plain name (no path separators or '..'), got {text!r}")
+    return text
+
+
+def _one_line(error):
+    """The first line of an exception's message (TensorFlow's carry node traces after it)."""
+    import tensorflow as tf
+
+    text = error.message if isinstance(error, tf.errors.OpError) else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _load_model(model_path):
+    """A `.keras` file -> the model; a model is passed through. Failures: ValueError naming the path."""
+    import keras
+    import tensorflow as tf
+
+    if not isinstance(model_path, str):
+        return model_path
+    try:
+        return keras.saving.load_model(model_path)
+    except (OSError, tf.errors.OpError, ValueError) as e:
+        raise ValueError(f"cannot load the model {model_path}: {_one_line(e)}") from None
+
+
 def _recorded_dataset(model_path):
     import os
 
+    if not isinstance(model_path, str):
+        return None
     metrics = os.path.join(os.path.dirname(os.path.abspath(model_path)), "metrics.json")
     if os.path.exists(metrics):
-        with open(metrics) as f:
-            return json.load(f).get("dataset")
+        try:
+            with open(metrics) as f:
+                return json.load(f).get("dataset")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{metrics}: unreadable ({_one_line(e)}); pass --dataset") from None
     return None
 
 
-def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0):
-    """Writes one PNG per image: the image, the rollout heat map, the top predictions."""
+def _output_folder(out):
+    """Creates `out` if needed; a file there, or a folder that cannot be written, is a ValueError."""
     import os
 
-    import keras
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder.")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"the output folder {out} is not writable.")
+
+
+def attention_targets(images, out):
+    """One PNG path per input: `<stem>_attention.png`, numbered (`<stem>_2_attention.png`, ...)
+    where inputs share a file name, and never the path of an input."""
+    import os
+
+    inputs = {os.path.realpath(p) for p in images if "://" not in p}
+    used, targets = set(), []
+    for path in images:
+        stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "image"
+        target, i = os.path.join(out, f"{stem}_attention.png"), 2
+        while target in used or os.path.realpath(target) in inputs:
+            target, i = os.path.join(out, f"{stem}_{i}_attention.png"), i + 1
+        used.add(target)
+        targets.append(target)
+    return targets
+
+
+def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0):
+    """Writes one PNG per image: the image, the rollout heat map, the top predictions.
+
+    Inputs with the same file name get numbered PNGs (said in the output line).
+    A missing or unreadable image, an undecodable one, or an `out` that is a
+    file or cannot be written is a ValueError naming the path.
+    """
+    import os
+
     import numpy as np
     import tensorflow as tf
 
@@ -116,14 +248,20 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
     from vit_keras.model import attention_model
     from vit_keras.vit import preprocess_inputs
 
-    model = keras.saving.load_model(model_path) if isinstance(model_path, str) else model_path
+    model = _load_model(model_path)
     attn = attention_model(model)  # built once: one forward pass gives logits and weights
     names = export.label_names(model)
     height, width = model.input_shape[1:3]
-    os.makedirs(out, exist_ok=True)
+    _output_folder(out)
+    targets = attention_targets(images, out)
     written = []
-    for path in images:
-        raw = tf.io.read_file(path)
+    for path, target in zip(images, targets):
+        try:
+            if tf.io.gfile.isdir(path):
+                raise ValueError(f"{path}: is a folder, not an image file")
+            raw = tf.io.read_file(path)
+        except (OSError, tf.errors.OpError) as e:
+            raise ValueError(f"{path}: cannot read the image: {_one_line(e)}") from None
         try:
             pixels = export.decode_images(raw[None], (height, width))
         except tf.errors.InvalidArgumentError as e:
@@ -134,11 +272,29 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
         heat = visualize.heatmap_from_weights(model, weights, head_fusion, discard_ratio)[0]
         probs = np.asarray(export.as_probabilities(model, outputs))[0]
         top = [(names[i], float(probs[i])) for i in np.argsort(-probs)[:3]]
-        target = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
-        visualize.save_overlay(np.asarray(pixels[0]).astype("uint8"), heat, target, predictions=top)
+        try:
+            visualize.save_overlay(np.asarray(pixels[0]).astype("uint8"), heat, target, predictions=top)
+        except OSError as e:
+            raise ValueError(f"cannot write {target}: {e.strerror or e}") from None
         written.append(target)
-        print(f"{path}: {top[0][0]} ({top[0][1]:.1%}) -> {target}")
+        stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "image"
+        renamed = "" if os.path.basename(target) == f"{stem}_attention.png" else \
+            "  (numbered: another input has the same file name)"
+        print(f"{path}: {top[0][0]} ({top[0][1]:.1%}) -> {target}{renamed}")
     return written
+
+
+def run_evaluate(args):
+    """`vit-keras evaluate`: prints the result as JSON (and writes it with --json)."""
+    from vit_keras import evaluate
+
+    result = evaluate.evaluate(args.model, args.dataset, weights=args.weights, image_size=args.image_size,
+                               split=args.split, batch_size=args.batch_size, data_dir=args.data_dir,
+                               download=args.download)
+    if args.json:
+        evaluate.write_json(result, args.json)
+    print(json.dumps(result))
+    return result
 
 
 def _print_metrics(metrics, out):
@@ -155,19 +311,37 @@ def main(argv=None):
     export_p.add_argument("--model", required=True, help="a .keras file")
     export_p.add_argument("--format", choices=("saved_model", "tflite"), required=True)
     export_p.add_argument("--out", required=True, help="SavedModel: OUT/<name>/<version>/; TFLite: OUT/<variant>.tflite")
-    export_p.add_argument("--name", default=None, help="SavedModel model name (default: the model's)")
-    export_p.add_argument("--version", type=int, default=1)
+    export_p.add_argument("--name", type=_plain_name, default=None,
+                          help="SavedModel model name, a plain folder name (default: the model's)")
+    export_p.add_argument("--version", type=_positive_int, default=1, help="SavedModel version, a positive integer")
     export_p.add_argument("--variants", nargs="+", default=None,
                           help="TFLite variants: float32 float16 dynamic_int8 int8 (default: all)")
     export_p.add_argument("--dataset", default=None,
                           help="TFLite calibration and parity data (default: the dataset in metrics.json beside the model)")
-    export_p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    export_p.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier export (only a folder the export wrote, never the model's)")
+    export_p.add_argument("--batch-size", type=_positive_int, default=None,
+                          help="images per Keras call and interpreter run in the TFLite parity table (default 16)")
     attn_p = sub.add_parser("attention", help="PNG heat maps of where the model attends")
     attn_p.add_argument("images", nargs="+")
     attn_p.add_argument("--model", required=True, help="a .keras file")
     attn_p.add_argument("--out", required=True)
     attn_p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean")
     attn_p.add_argument("--discard-ratio", type=float, default=0.0)
+    eval_p = sub.add_parser("evaluate", help="top-1/top-5 with the original evaluation preprocessing")
+    eval_p.add_argument("--model", required=True, help="a builder name (vit_r50_b16, ...) or a .keras file")
+    eval_p.add_argument("--weights", default=None,
+                        help="for a builder: a published name (imagenet21k+imagenet2012, augreg_in21k_ft_in1k, "
+                             "...) or an .npz path/URL (default: the builder's)")
+    eval_p.add_argument("--dataset", required=True,
+                        help="'digits', a folder of class folders, or a TFDS name (e.g. imagenet2012)")
+    eval_p.add_argument("--split", choices=("test", "validation", "train"), default="test")
+    eval_p.add_argument("--image-size", type=_size, default=None,
+                        help="for a builder: resolution (default: the checkpoint's)")
+    eval_p.add_argument("--batch-size", type=_positive, default=32)
+    eval_p.add_argument("--data-dir", default=None, help="TFDS data directory")
+    eval_p.add_argument("--download", action="store_true", help="let TFDS download and prepare the dataset")
+    eval_p.add_argument("--json", default=None, help="also write the result to this JSON file")
     demo_p = sub.add_parser("demo", help="train a small hybrid ViT on the built-in digits (2-core CPU)")
     demo_p.add_argument("--out", default="runs/demo")
     demo_p.add_argument("--epochs", type=int, default=DEMO["epochs"])
@@ -182,7 +356,9 @@ def main(argv=None):
             _print_metrics(training.train(**_train_kwargs(args)).metrics, args.out)
         elif args.command == "export":
             run_export(args.model, args.format, args.out, args.dataset, args.name, args.version,
-                       args.variants, args.overwrite)
+                       args.variants, args.overwrite, batch_size=args.batch_size)
+        elif args.command == "evaluate":
+            run_evaluate(args)
         elif args.command == "attention":
             run_attention(args.model, args.images, args.out, args.head_fusion, args.discard_ratio)
         else:
@@ -202,7 +378,8 @@ def demo(out, epochs=DEMO["epochs"]):
 
     from vit_keras import data, training
 
-    metrics = training.train(**dict(DEMO, out=out, epochs=epochs)).metrics
+    # The demo's folder is its own: a second demo replaces the first (an interrupted one resumes).
+    metrics = training.train(**dict(DEMO, out=out, epochs=epochs, overwrite=True)).metrics
     _print_metrics(metrics, out)
     model_path = os.path.join(out, "model.keras")
     run_export(model_path, "saved_model", os.path.join(out, "export"), overwrite=True)
