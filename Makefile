@@ -1,5 +1,6 @@
 # The two set-up commands of a fresh machine: `make demo` and `make test`.
-# Each creates (or reuses) .venv and installs the package with what it needs.
+# Each creates (or reuses) .venv and installs the package with what it needs
+# (TensorFlow, and JAX and PyTorch CPU builds: the tests run on all three Keras backends).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q -e '.[cpu,test,jax,torch]'
 	touch $(STAMP)
 
 venv: $(STAMP)

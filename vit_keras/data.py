@@ -3,16 +3,26 @@
 Every source yields `(image, label)` with the image as uint8 `[H, W, 3]` or as
 encoded bytes; `make_pipeline` decodes, augments, resizes to the model's
 resolution, batches and prefetches, producing `([-1, 1] images, one-hot labels)`.
+
+On the TensorFlow backend the splits are `tf.data` datasets and the pipeline is
+`tf.data`. On JAX and PyTorch `digits` and image folders are `Examples` (NumPy
+arrays, or file names) and the pipeline is an `ImagePipeline`, a
+`keras.utils.PyDataset` that decodes with Pillow and augments in NumPy with the
+same recipe (inception crop, flip, antialiased resize, `x / 127.5 - 1`, one-hot
+labels); it needs no TensorFlow. TFDS datasets need TensorFlow on every
+backend and stay `tf.data` (Keras feeds them to JAX and PyTorch too).
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
 import re
+import threading
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from vit_keras.vit import preprocess_inputs
 
@@ -21,28 +31,86 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 logger = logging.getLogger("vit_keras")
 
 
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def use_tf_data():
+    """Whether sources and pipelines are `tf.data`: on the TensorFlow backend."""
+    return keras.backend.backend() == "tensorflow"
+
+
+@dataclasses.dataclass
+class Examples:
+    """A split held without TensorFlow: images and their integer labels.
+
+    Args:
+        images: array. uint8 pixels `[n, H, W, 3]`, or `n` image file names.
+        labels: array. int64 class indices `[n]`.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self):
+        return len(self.labels)
+
+    def image(self, index):
+        """Image `index` as uint8 `[H, W, 3]` (a file is decoded as the TF pipeline does)."""
+        image = self.images[index]
+        return decode_file(image) if isinstance(image, str) else np.asarray(image)
+
+
+def decode_file(path):
+    """An image file as uint8 `[H, W, 3]`: grey and palette images become RGB, alpha is dropped, first frame."""
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _split(images, labels, tf_data):
+    if tf_data:
+        return _tf().data.Dataset.from_tensor_slices((images, labels))
+    return Examples(np.asarray(images), np.asarray(labels, "int64"))
+
+
 @dataclasses.dataclass
 class Splits:
-    """The three splits of a dataset and what the pipeline needs to know of it."""
+    """The three splits of a dataset and what the pipeline needs to know of it.
 
-    train: tf.data.Dataset
-    validation: tf.data.Dataset
-    test: tf.data.Dataset
+    The splits are `tf.data.Dataset`s on the TensorFlow backend (and for TFDS
+    datasets), else `Examples`.
+    """
+
+    train: object
+    validation: object
+    test: object
     class_names: list
     num_train: int
     flip: bool = True  # off where a mirror image changes the label (digits)
     crop_area: tuple = (0.05, 1.0)
 
 
-def digits():
-    """scikit-learn's 1,797 handwritten 8x8 digits (offline); a fifth held out for test."""
+def digits(tf_data=None):
+    """scikit-learn's 1,797 handwritten 8x8 digits (offline); a fifth held out for test.
+
+    Args:
+        tf_data: bool or None. Splits as `tf.data` datasets (else `Examples`);
+            None: on the TensorFlow backend. Defaults to None.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    tf_data = use_tf_data() if tf_data is None else tf_data
     data = load_digits()
     images = np.repeat((data.images * (255.0 / 16.0))[..., None], 3, -1).astype("float32")
-    # Stored upsampled to 32x32 so that random crops are not cut on the coarse 8x8 grid.
-    images = tf.image.resize(images, (32, 32), method="bilinear").numpy().clip(0, 255).round().astype("uint8")
+    # Stored upsampled to 32x32 so that random crops are not cut on the coarse 8x8 grid
+    # (half-pixel bilinear, as tf.image.resize, on any backend).
+    images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, (32, 32), interpolation="bilinear"))
+    images = images.clip(0, 255).round().astype("uint8")
     labels = data.target.astype("int64")
     # The split is fixed (seed 0) whatever the training seed, so results compare.
     x_train, x_test, y_train, y_test = train_test_split(
@@ -51,11 +119,10 @@ def digits():
     x_train, x_val, y_train, y_val = train_test_split(
         x_train, y_train, test_size=0.05, stratify=y_train, random_state=0
     )
-    ds = tf.data.Dataset.from_tensor_slices
     return Splits(
-        train=ds((x_train, y_train)),
-        validation=ds((x_val, y_val)),
-        test=ds((x_test, y_test)),
+        train=_split(x_train, y_train, tf_data),
+        validation=_split(x_val, y_val, tf_data),
+        test=_split(x_test, y_test, tf_data),
         class_names=[str(i) for i in range(10)],
         num_train=len(x_train),
         flip=False,  # a mirrored digit is another digit, or none
@@ -63,14 +130,16 @@ def digits():
     )
 
 
-def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True):
+def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True, tf_data=None):
     """A folder with one sub-folder of images per class, split 80/10/10 by a seeded shuffle.
 
     Hidden sub-folders (`.ipynb_checkpoints`) are no classes. With `check`, every
-    file is decoded once up front by the decoder training uses, and a folder with
-    any file that does not decode is refused with the names of those files (none
-    is skipped: a silently smaller dataset is worse than an error).
+    file is decoded once up front by the decoder training uses (TensorFlow's
+    for `tf.data`, Pillow's for `Examples`), and a folder with any file that
+    does not decode is refused with the names of those files (none is skipped:
+    a silently smaller dataset is worse than an error).
     """
+    tf_data = use_tf_data() if tf_data is None else tf_data
     root = pathlib.Path(path)
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files, labels, counts = [], [], {}
@@ -97,7 +166,7 @@ def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True):
     if len(files) < 3:
         raise ValueError(f"Image folder {path} has {len(files)} images; it needs at least 3.")
     if check:
-        bad = undecodable(files)
+        bad = undecodable(files) if tf_data else undecodable_by_pillow(files)
         if bad:
             shown = "; ".join(f"{f}: {reason}" for f, reason in bad[:10])
             more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -111,6 +180,9 @@ def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True):
     n_val = max(1, int(fractions[1] * len(files)))
 
     def split(lo, hi):
+        if not tf_data:
+            return Examples(np.array([str(f) for f in files[lo:hi]], dtype=object), labels[lo:hi])
+        tf = _tf()
         return tf.data.Dataset.from_tensor_slices((files[lo:hi], labels[lo:hi])).map(
             lambda f, y: (tf.io.read_file(f), y), num_parallel_calls=tf.data.AUTOTUNE
         )
@@ -130,6 +202,7 @@ def undecodable(files):
     Every file is read and decoded once, in parallel; only the failures are
     decoded a second time, to give their reason.
     """
+    tf = _tf()
     files = [str(f) for f in files]
     if not files:
         return []
@@ -144,7 +217,25 @@ def undecodable(files):
     return [(f, _decode_error(f)) for i, f in enumerate(files) if i not in good]
 
 
+def undecodable_by_pillow(files):
+    """`[(file, reason)]` for each file that Pillow (the `ImagePipeline`'s decoder) rejects."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def reason(file):
+        try:
+            image = decode_file(file)
+        except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, ...
+            return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None if image.ndim == 3 and image.size else "decodes to no pixels"
+
+    files = [str(f) for f in files]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(reason, files))
+    return [(f, r) for f, r in zip(files, reasons) if r is not None]
+
+
 def _decode_error(file):
+    tf = _tf()
     try:
         tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
     except tf.errors.OpError as e:
@@ -156,8 +247,11 @@ def _decode_error(file):
 
 def tfds_dataset(name, data_dir=None, download=False):
     """A `tensorflow_datasets` dataset; 2% of train is held out when it has no validation split."""
-    import tensorflow_datasets as tfds
-
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ValueError(f"Dataset {name!r} is a TFDS name, which needs TensorFlow and tensorflow-datasets "
+                         f"({e}); 'digits' and folders of images train without them.") from None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
@@ -195,12 +289,18 @@ def tfds_dataset(name, data_dir=None, download=False):
     )
 
 
-def load(dataset, data_dir=None, download=False):
-    """Returns the `Splits` of `digits`, a folder of class folders, or a TFDS name."""
+def load(dataset, data_dir=None, download=False, tf_data=None):
+    """Returns the `Splits` of `digits`, a folder of class folders, or a TFDS name.
+
+    Args:
+        tf_data: bool or None. For `digits` and folders: `tf.data` splits
+            (else `Examples`); None: on the TensorFlow backend. TFDS names are
+            always `tf.data`. Defaults to None.
+    """
     if dataset == "digits":
-        return digits()
+        return digits(tf_data)
     if os.path.isdir(dataset):
-        return image_folder(dataset)
+        return image_folder(dataset, tf_data=tf_data)
     if os.sep in dataset or dataset.startswith("."):
         raise ValueError(f"Unknown dataset {dataset!r}: no such folder.")
     return tfds_dataset(dataset, data_dir, download)
@@ -209,6 +309,11 @@ def load(dataset, data_dir=None, download=False):
 def pixels(ds, image_size, count=None):
     """Up to `count` images of a split as uint8 pixels `[n, H, W, 3]` at `image_size`, and their labels."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if isinstance(ds, Examples):
+        n = len(ds) if count is None else min(count, len(ds))
+        images = [np.round(resize(ds.image(i), (height, width))).astype("uint8") for i in range(n)]
+        return np.stack(images), ds.labels[:n]
+    tf = _tf()
     if count is not None:
         ds = ds.take(count)
     ds = ds.map(
@@ -221,6 +326,7 @@ def pixels(ds, image_size, count=None):
 
 
 def _decode(image):
+    tf = _tf()
     if image.dtype == tf.string:
         image = tf.io.decode_image(image, channels=3, expand_animations=False)
     if image.shape.rank == 2 or image.shape[-1] == 1:
@@ -230,6 +336,7 @@ def _decode(image):
 
 def _random_crop(image, area_range, seed):
     """The original recipe's inception crop: a random box of the given share of the area."""
+    tf = _tf()
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
@@ -256,8 +363,17 @@ def make_pipeline(
     seed=0,
     repeat=False,
 ):
-    """Decode -> (crop, flip) -> resize -> batch -> (RandAugment) -> [-1, 1] -> (MixUp/CutMix)."""
+    """Decode -> (crop, flip) -> resize -> batch -> (RandAugment) -> [-1, 1] -> (MixUp/CutMix).
+
+    A `tf.data.Dataset` gets a `tf.data` pipeline; `Examples` get an
+    `ImagePipeline` (a `keras.utils.PyDataset`) with the same arguments.
+    """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if isinstance(ds, Examples):
+        return ImagePipeline(ds, (height, width), num_classes, batch_size, training=training, flip=flip,
+                             crop_area=crop_area, randaugment=randaugment, mixup=mixup, cutmix=cutmix,
+                             seed=seed, repeat=repeat)
+    tf = _tf()
 
     def prepare(index, example):
         image, label = example
@@ -306,3 +422,146 @@ def make_pipeline(
 
         ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def resize(image, size):
+    """Antialiased bilinear resize of `[H, W, C]` pixels to float32 `size` (as `tf.image.resize(antialias=True)`).
+
+    Each channel is resized in float by Pillow, whose bilinear filter widens
+    with the scale when shrinking, as TensorFlow's antialiasing does.
+    """
+    import PIL.Image
+
+    height, width = size
+    image = np.asarray(image, "float32")
+    if image.shape[:2] == (height, width):
+        return image
+    channels = [
+        np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize(
+            (width, height), PIL.Image.BILINEAR))
+        for c in range(image.shape[-1])
+    ]
+    return np.stack(channels, -1)
+
+
+def crop_box(rng, height, width, area_range, aspect_range=(3 / 4, 4 / 3), attempts=100):
+    """`(top, left, h, w)` of an inception crop, as `tf.image.sample_distorted_bounding_box`.
+
+    A box of a uniform share of the area in `area_range` and a uniform aspect
+    ratio (w/h) in `aspect_range`, placed uniformly; the whole image when no
+    attempt fits.
+    """
+    area = height * width
+    for _ in range(attempts):
+        target = rng.uniform(*area_range) * area
+        ratio = rng.uniform(*aspect_range)
+        h = int(round(np.sqrt(target / ratio)))
+        w = int(round(np.sqrt(target * ratio)))
+        if 0 < h <= height and 0 < w <= width:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return 0, 0, height, width
+
+
+class ImagePipeline(keras.utils.PyDataset):
+    """`make_pipeline` without TensorFlow: batches of `([-1, 1] images, one-hot labels)` from `Examples`.
+
+    Training batches draw a new seeded permutation of the examples for each
+    pass over them; each image's crop and flip are drawn from `(seed, pass,
+    index)`, so a batch is the same whatever worker makes it. RandAugment,
+    MixUp and CutMix are the Keras layers of the `tf.data` pipeline, applied
+    to each batch.
+
+    Args:
+        examples: Examples. The split.
+        image_size: (height, width). Output resolution.
+        num_classes: int. Width of the one-hot labels.
+        batch_size: int. Images per batch.
+        training: bool. Shuffle, augment, and drop a last partial batch.
+            Defaults to False.
+        flip: bool. Random left-right flips in training. Defaults to True.
+        crop_area: (min, max). Share of the area of the inception crop in
+            training. Defaults to (0.05, 1.0).
+        randaugment: bool. RandAugment in training. Defaults to False.
+        mixup: bool. MixUp in training. Defaults to False.
+        cutmix: bool. CutMix in training (one of the two per batch with
+            MixUp). Defaults to False.
+        seed: int. Seed of the shuffles and augmentations. Defaults to 0.
+        repeat: bool. Training batches without end (`fit` gets
+            `steps_per_epoch`). Defaults to False.
+        workers: int. Threads that make batches. Defaults to 2.
+    """
+
+    def __init__(self, examples, image_size, num_classes, batch_size, training=False, flip=True,
+                 crop_area=(0.05, 1.0), randaugment=False, mixup=False, cutmix=False, seed=0,
+                 repeat=False, workers=2):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
+        if training and len(examples) < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(examples)} examples of the split.")
+        self.examples = examples
+        self.image_size = tuple(image_size)
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.training = training
+        self.flip = flip
+        self.crop_area = tuple(crop_area)
+        self.seed = seed
+        self.repeat = repeat
+        self.epoch = 0  # the pass, for training without `repeat`
+        self.lock = threading.Lock()  # the Keras augmentation layers keep seed state
+        self.randaugment = keras.layers.RandAugment(value_range=(0, 255), seed=seed) if training and randaugment else None
+        self.mixers = [m for m, on in ((keras.layers.MixUp, mixup), (keras.layers.CutMix, cutmix)) if training and on]
+        self.mixers = [m(seed=seed) for m in self.mixers]
+
+    @property
+    def per_pass(self):
+        """Batches in one pass over the examples."""
+        n = len(self.examples)
+        return n // self.batch_size if self.training else -(-n // self.batch_size)
+
+    @property
+    def num_batches(self):
+        return None if self.training and self.repeat else self.per_pass
+
+    def __len__(self):
+        if self.num_batches is None:
+            raise TypeError("A repeating training ImagePipeline has no length.")
+        return self.num_batches
+
+    @functools.lru_cache(maxsize=4)
+    def _order(self, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+    def __getitem__(self, index):
+        if self.training:
+            epoch, index = divmod(index, self.per_pass) if self.repeat else (self.epoch, index)
+            rows = self._order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        else:
+            epoch, rows = 0, np.arange(index * self.batch_size,
+                                       min(len(self.examples), (index + 1) * self.batch_size))
+        images = np.stack([self._image(int(row), epoch) for row in rows])
+        labels = np.eye(self.num_classes, dtype="float32")[self.examples.labels[rows]]
+        if self.randaugment is not None:
+            with self.lock:
+                images = keras.ops.convert_to_numpy(self.randaugment(images, training=True))
+        images = preprocess_inputs(images)
+        if self.mixers:
+            mixer = self.mixers[0]
+            if len(self.mixers) == 2:  # one of the two per batch
+                mixer = self.mixers[int(np.random.default_rng([self.seed, epoch, index, 1]).integers(2))]
+            with self.lock:
+                out = mixer({"images": images, "labels": labels}, training=True)
+            images, labels = (keras.ops.convert_to_numpy(out[k]) for k in ("images", "labels"))
+        return images.astype("float32"), labels.astype("float32")
+
+    def _image(self, row, epoch):
+        image = self.examples.image(row)
+        if self.training:
+            rng = np.random.default_rng([self.seed, epoch, row])
+            top, left, h, w = crop_box(rng, image.shape[0], image.shape[1], self.crop_area)
+            image = image[top:top + h, left:left + w]
+            if self.flip and rng.random() < 0.5:
+                image = image[:, ::-1]
+        return np.clip(resize(image, self.image_size), 0.0, 255.0)

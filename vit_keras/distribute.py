@@ -1,15 +1,68 @@
-"""Distribution strategies for `train`: one device, all GPUs, several machines, TPU."""
+"""Distribution strategies for `train`: one device, all GPUs, several machines, TPU.
 
+On the TensorFlow backend these are `tf.distribute` strategies. On JAX,
+`mirrored` and `tpu` are `keras.distribution.DataParallel` over all local
+devices; PyTorch trains on one device.
+"""
+
+import contextlib
 import json
 import os
 
-import tensorflow as tf
+import keras
+import numpy as np
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
+class KerasDistribution:
+    """What `train` needs of a strategy, off TensorFlow: a scope and a replica count.
+
+    Args:
+        distribution: keras.distribution.Distribution or None. Active inside
+            `scope()` (model building, `fit` and `evaluate`); None: one device.
+            Defaults to None.
+    """
+
+    def __init__(self, distribution=None):
+        self.distribution = distribution
+
+    @property
+    def num_replicas_in_sync(self):
+        if self.distribution is None:
+            return 1
+        return int(np.prod(self.distribution.device_mesh.shape))
+
+    def scope(self):
+        return contextlib.nullcontext() if self.distribution is None else self.distribution.scope()
+
+
+def run_scope(strategy):
+    """The scope that `fit` and `evaluate` run in: a Keras distribution's, none for `tf.distribute`."""
+    return strategy.scope() if isinstance(strategy, KerasDistribution) else contextlib.nullcontext()
+
+
 def get_strategy(name=None):
-    """Returns the `tf.distribute` strategy for `name` (None: the default one)."""
+    """Returns the strategy for `name` (None: the default one) on the current Keras backend.
+
+    TensorFlow: a `tf.distribute` strategy. JAX: a `KerasDistribution`, with
+    `keras.distribution.DataParallel` over every local device for `mirrored`
+    and `tpu`. PyTorch: a `KerasDistribution` of one device, `default` only.
+    """
+    if name not in (None, *STRATEGIES):
+        raise ValueError(f"Unknown strategy {name!r}; use one of {STRATEGIES}.")
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        if name in (None, "default"):
+            return KerasDistribution()
+        if backend == "jax" and name in ("mirrored", "tpu"):
+            return KerasDistribution(keras.distribution.DataParallel(
+                devices=keras.distribution.list_devices()))
+        hint = ("on JAX use 'mirrored' (data parallel over the local devices) or 'default'"
+                if backend == "jax" else "PyTorch trains on one device: use 'default'")
+        raise ValueError(f"Strategy {name!r} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); {hint}.")
+    import tensorflow as tf
+
     if name in (None, "default"):
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -57,6 +110,7 @@ def patch_multi_worker_fit():
     tests/test_distributed.py::test_upstream_still_needs_the_patch fails once
     upstream no longer needs this; then delete it.
     """
+    import tensorflow as tf
     from keras.src.backend.tensorflow import trainer
 
     if getattr(trainer.reduce_per_replica, "vit_keras_patch", False):

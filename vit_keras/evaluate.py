@@ -65,7 +65,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     if split not in ("test", "validation", "train"):
         raise ValueError(f"Unknown split {split!r}; use test, validation or train.")
     model = load_model(model, weights, image_size)
-    splits = data.load(dataset, data_dir=data_dir, download=download)
+    splits = data.load(dataset, data_dir=data_dir, download=download, tf_data=True)  # on any backend
     classes = model.output_shape[-1]
     if classes != len(splits.class_names):
         raise ValueError(f"Model {model.name!r} has {classes} outputs but {dataset} has "
@@ -82,7 +82,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     top1 = top5 = seen = 0
     k = min(5, classes)
     for images, labels in ds:
-        logits = np.asarray(model(images, training=False), dtype="float32")
+        logits = keras.ops.convert_to_numpy(model(np.asarray(images), training=False)).astype("float32")
         labels = np.asarray(labels)
         best = np.argsort(-logits, axis=-1)[:, :k]
         top1 += int(np.sum(best[:, 0] == labels))

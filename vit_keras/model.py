@@ -126,8 +126,9 @@ def build_model(
     embeddings.grid_size((height, width))  # fails early on an indivisible size
     inputs = keras.Input((height, width, 3), name="image")
     x = embeddings(inputs)
-    y, _ = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
-                   attention_dropout=attention_dropout, name="Transformer")(x)
+    # Without the weights the attention is fused (flash attention on a GPU); `attention_model` has them.
+    y = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
+                attention_dropout=attention_dropout, name="Transformer")(x, return_weights=False)
     if classifier == "token":
         y = ExtractToken(name="class_token")(y)
     elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)
@@ -174,7 +175,11 @@ def attention_model(model):
     """Returns a model that shares `model`'s weights and also outputs attention.
 
     Its outputs are `(model's outputs, [weights of block 0, ..., L-1])`, each
-    weights tensor `[batch, heads, tokens, tokens]` (softmax probabilities).
+    weights tensor `[batch, heads, tokens, tokens]` (softmax probabilities, float32).
+    The model's own encoder runs its attention fused, without weights; here
+    the same layers run again on new inputs with the blocks asked for them.
+    (A model saved before the fused attention has the weights in its graph
+    already, and they are taken from there.)
 
     Args:
         model: keras.Model. A model from this package's builders (fine-tuned
@@ -187,10 +192,34 @@ def attention_model(model):
     (2, (1, 4, 5, 5))
     """
     encoder = find_encoder(model)
-    # Keras keeps a layer's outputs flattened: the tokens, then block 0..L-1's weights.
-    _, *weights = encoder.output
-    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    if isinstance(encoder.output, (list, tuple)):
+        # Keras keeps a layer's outputs flattened: the tokens, then block 0..L-1's weights.
+        _, *weights = encoder.output
+        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
+    weights = []
+
+    def with_weights(operation):
+        if operation is not encoder:
+            return operation
+
+        # The encoder's blocks one by one (Keras checks a graph against each layer's first call,
+        # so the encoder itself cannot be called again with other outputs).
+        def call(inputs, training=None, return_weights=False):
+            x = inputs
+            for block in encoder.blocks:
+                x, w = block(x, training=training, return_weights=True)
+                weights.append(w)
+            return encoder.encoder_norm(x)
+
+        return call
+
+    inputs = [keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name) for x in model.inputs]
+    outputs = model._run_through_graph(inputs, operation_fn=with_weights)  # the same layers, new tensors
+    if len(weights) != encoder.num_layers:
+        raise ValueError(f"The encoder of model {model.name!r} is not on the path from its inputs to its outputs.")
+    inputs = inputs[0] if len(inputs) == 1 else inputs
     return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
 
 

@@ -185,6 +185,14 @@ class BestAndLast(keras.callbacks.Callback):
             atomic_write_json({"value": self.best, "epoch": epoch + 1, "run": self.run}, self.record)
 
 
+def _have_tensorflow():
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _finite(model):
     """Whether every float weight and optimizer variable of `model` is a finite number."""
     variables = list(model.weights)
@@ -334,6 +342,10 @@ def train(
 ):
     """Trains or fine-tunes a model with `model.fit` and writes everything to `out`.
 
+    Runs on the Keras backend of the process (`KERAS_BACKEND`): TensorFlow
+    feeds `tf.data`, JAX and PyTorch an `ImagePipeline` (`data.make_pipeline`)
+    and need no TensorFlow, except for TFDS datasets and TensorBoard logs.
+
     `out` receives `model.keras` (the final model, class names in its head),
     `best.keras` and `last.keras`, `metrics.json`, `log.csv` and TensorBoard
     logs in `logs/`. A run killed at any point resumes from its last backup
@@ -351,7 +363,12 @@ def train(
         dropout: float or None. None keeps the model's original config
             (0.1 for `vit_r50_b16`, 0.0 for `vit_b16`, ...).
         precision: str. `float32`, `mixed_bfloat16` or `mixed_float16`.
-        strategy: str or None. None, `mirrored`, `multi_worker` or `tpu`.
+        strategy: str or None. None, `mirrored`, `multi_worker` or `tpu`
+            (`tf.distribute`); on JAX `mirrored` and `tpu` are
+            `keras.distribution.DataParallel` over all local devices, and
+            PyTorch takes None only.
+        jit_compile: bool. Compile the train step with XLA (`torch.compile`
+            on PyTorch). JAX always compiles it.
         overwrite: bool. Whether to start over in an `out` that holds a finished
             run (its `model.keras` or `metrics.json`); without it that raises
             `FileExistsError`. Its files are replaced as the new run writes
@@ -375,7 +392,13 @@ def train(
     _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, warmup_steps,
                      learning_rate, crop_area)
     keras.utils.set_random_seed(seed)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        jit_compile = True  # JAX without jit runs op by op, tens of times slower
     dist = distribute.get_strategy(strategy)
+    if isinstance(dist, distribute.KerasDistribution) and batch_size % dist.num_replicas_in_sync:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {dist.num_replicas_in_sync} "
+                         f"replicas of strategy {strategy!r}.")
     is_chief = distribute.is_chief(dist)
     # Only the chief writes to `out`; other workers write to a scratch folder.
     out_dir = out if is_chief else os.path.join(out, f".worker-{distribute.task_id()}")
@@ -433,22 +456,26 @@ def train(
         backup,
         BestAndLast(out_dir, run=backup.run),
         keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),
-        keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False),
     ]
+    if _have_tensorflow():  # Keras's TensorBoard callback writes with tf.summary, on any backend
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False))
+    else:
+        logger.info("No TensorFlow: no TensorBoard logs (log.csv has the metrics).")
     epoch, done_in_epoch = divmod(step, steps_per_epoch)
     if verbose == "auto":  # one line per epoch where no terminal redraws the bar
         verbose = 1 if sys.stdout.isatty() else 2
-    fit = dict(validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)  # tf.data shuffles
-    if done_in_epoch:  # finish the interrupted epoch, then the rest
-        net.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1,
-                steps_per_epoch=steps_per_epoch - done_in_epoch, **fit)
-        epoch += 1
-    if epoch < epochs:
-        net.fit(train_ds, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch, **fit)
-    if not _finite(net):  # e.g. a resumed run with nothing left to train
-        raise StopOnNaN(backup, learning_rate).error("the weights are no longer finite numbers",
-                                                     step=backup.step)
-    results = net.evaluate(test_ds, return_dict=True, verbose=0)
+    fit = dict(validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)  # the pipeline shuffles
+    with distribute.run_scope(dist):
+        if done_in_epoch:  # finish the interrupted epoch, then the rest
+            net.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1,
+                    steps_per_epoch=steps_per_epoch - done_in_epoch, **fit)
+            epoch += 1
+        if epoch < epochs:
+            net.fit(train_ds, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch, **fit)
+        if not _finite(net):  # e.g. a resumed run with nothing left to train
+            raise StopOnNaN(backup, learning_rate).error("the weights are no longer finite numbers",
+                                                         step=backup.step)
+        results = net.evaluate(test_ds, return_dict=True, verbose=0)
     wall = backup.elapsed + time.time() - backup.started
     metrics = {
         "test_top1": float(results["top1"]),
@@ -464,6 +491,7 @@ def train(
         "batch_size": batch_size,
         "precision": precision,
         "strategy": strategy or "default",
+        "backend": backend,
         "replicas": dist.num_replicas_in_sync,
         "class_names": splits.class_names,
     }

@@ -1,4 +1,4 @@
-"""Multi-head self-attention that also returns its attention weights."""
+"""Multi-head self-attention that returns its attention weights, or runs fused without them."""
 
 import math
 
@@ -8,26 +8,41 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="vit_keras")
 class Attention(keras.layers.Layer):
-    """Multi-head dot-product self-attention returning `(output, weights)`.
+    """Multi-head dot-product self-attention returning `(output, weights)`, or `output` alone.
 
     Sublayers `query`, `key`, `value` (kernels `[D, heads, head_dim]`, biases
     `[heads, head_dim]`) and `out` (kernel `[heads, head_dim, D]`) have the
     original checkpoint's layouts. q is scaled by `1/sqrt(head_dim)`; the
     softmax runs in float32 whatever the compute dtype.
 
+    Called with `return_weights=False` it returns the output alone, computed
+    by `keras.ops.dot_product_attention`: the backend's fused kernel (flash
+    attention or cuDNN's on a GPU where the shapes and dtype allow), which
+    never materialises the `[tokens, tokens]` weights. Attention dropout needs
+    the weights, so a training call with `dropout > 0` takes the explicit
+    path either way.
+
     Args:
         num_heads: int. Number of attention heads; must divide the width.
         dropout: float. Dropout on the attention weights. Defaults to 0.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
+    Call arguments:
+        inputs: tensor `[batch, tokens, D]`.
+        training: bool or None. Dropout on. Defaults to None.
+        return_weights: bool. Also return the weights. Defaults to True.
+
     Returns:
-        `(output [batch, tokens, D], weights [batch, heads, tokens, tokens])`.
+        `(output [batch, tokens, D], weights [batch, heads, tokens, tokens])`
+        (weights in float32), or `output` with `return_weights=False`.
 
     Example:
     >>> attn = Attention(num_heads=4)
     >>> out, weights = attn(keras.ops.ones((2, 5, 32)))
     >>> tuple(out.shape), tuple(weights.shape)
     ((2, 5, 32), (2, 4, 5, 5))
+    >>> tuple(attn(keras.ops.ones((2, 5, 32)), return_weights=False).shape)
+    (2, 5, 32)
     """
 
     def __init__(self, num_heads, dropout=0.0, **kwargs):
@@ -63,19 +78,28 @@ class Attention(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, return_weights=True):
         q = self.query(inputs) * ops.cast(1.0 / math.sqrt(self.head_dim), inputs.dtype)
         k = self.key(inputs)
         v = self.value(inputs)
+        if not return_weights and not (training and self.dropout > 0):
+            return self.out(ops.dot_product_attention(q, k, v, scale=1.0))
         logits = ops.einsum("bqhk,bthk->bhqt", q, k)
         weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
         probs = self.dropout_layer(ops.cast(weights, v.dtype), training=training)
         x = ops.einsum("bhqt,bthk->bqhk", probs, v)
-        return self.out(x), weights
+        return (self.out(x), weights) if return_weights else self.out(x)
 
     def compute_output_shape(self, input_shape):
         b, t, _ = input_shape
         return input_shape, (b, self.num_heads, t, t)
+
+    def compute_output_spec(self, inputs, training=None, return_weights=True):
+        output = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        if not return_weights:
+            return output
+        b, t, _ = inputs.shape
+        return output, keras.KerasTensor((b, self.num_heads, t, t), dtype="float32")
 
     def get_config(self):
         config = super().get_config()

@@ -27,8 +27,15 @@ class Block(keras.layers.Layer):
         attention_dropout: float. Dropout on attention weights. Defaults to 0.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
+    Call arguments:
+        inputs: tensor `[batch, tokens, D]`.
+        training: bool or None. Dropout on. Defaults to None.
+        return_weights: bool. Also return the attention weights; False runs
+            the fused attention (see `Attention`). Defaults to True.
+
     Returns:
-        `(tokens [batch, tokens, D], weights [batch, heads, tokens, tokens])`.
+        `(tokens [batch, tokens, D], weights [batch, heads, tokens, tokens])`,
+        or `tokens` with `return_weights=False`.
 
     Example:
     >>> block = Block(num_heads=4, mlp_dim=64)
@@ -58,15 +65,24 @@ class Block(keras.layers.Layer):
         self.mlp.build(input_shape)
         self.built = True
 
-    def call(self, inputs, training=None):
-        y, weights = self.attention(self.norm_0(inputs), training=training)
+    def call(self, inputs, training=None, return_weights=True):
+        y = self.attention(self.norm_0(inputs), training=training, return_weights=return_weights)
+        if return_weights:
+            y, weights = y
         x = inputs + self.dropout_layer(y, training=training)
         x = x + self.mlp(self.norm_2(x), training=training)
-        return x, weights
+        return (x, weights) if return_weights else x
 
     def compute_output_shape(self, input_shape):
         b, t, _ = input_shape
         return input_shape, (b, self.num_heads, t, t)
+
+    def compute_output_spec(self, inputs, training=None, return_weights=True):
+        output = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        if not return_weights:
+            return output
+        b, t, _ = inputs.shape
+        return output, keras.KerasTensor((b, self.num_heads, t, t), dtype="float32")
 
     def get_config(self):
         config = super().get_config()

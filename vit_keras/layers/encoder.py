@@ -17,9 +17,18 @@ class Encoder(keras.layers.Layer):
         attention_dropout: float. Dropout on attention weights. Defaults to 0.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
+    Call arguments:
+        inputs: tensor `[batch, tokens, D]`.
+        training: bool or None. Dropout on. Defaults to None.
+        return_weights: bool. Also return every block's attention weights;
+            False runs the fused attention (see `Attention`), as the models of
+            `build_model` do (`attention_model` gets the weights back).
+            Defaults to True.
+
     Returns:
         `(tokens [batch, tokens, D], [weights of block 0, ..., L-1])`, each
-        weights tensor `[batch, heads, tokens, tokens]`.
+        weights tensor `[batch, heads, tokens, tokens]` in float32, or
+        `tokens` with `return_weights=False`.
 
     Example:
     >>> enc = Encoder(num_layers=2, num_heads=4, mlp_dim=64)
@@ -54,17 +63,28 @@ class Encoder(keras.layers.Layer):
         self.encoder_norm.build(input_shape)
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, return_weights=True):
         x = inputs
         weights = []
         for block in self.blocks:
-            x, w = block(x, training=training)
-            weights.append(w)
-        return self.encoder_norm(x), weights
+            if return_weights:
+                x, w = block(x, training=training)
+                weights.append(w)
+            else:
+                x = block(x, training=training, return_weights=False)
+        x = self.encoder_norm(x)
+        return (x, weights) if return_weights else x
 
     def compute_output_shape(self, input_shape):
         b, t, _ = input_shape
         return input_shape, [(b, self.num_heads, t, t)] * self.num_layers
+
+    def compute_output_spec(self, inputs, training=None, return_weights=True):
+        output = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        if not return_weights:
+            return output
+        b, t, _ = inputs.shape
+        return output, [keras.KerasTensor((b, self.num_heads, t, t), dtype="float32") for _ in self.blocks]
 
     def get_config(self):
         config = super().get_config()
