@@ -96,3 +96,49 @@ def test_text_file_renamed_npz_does_not_suggest_pickles(model, tmp_path):
 def test_missing_file_is_named(model, tmp_path):
     with pytest.raises(ValueError, match="Unknown weights .*nothing-here.npz"):
         vit_keras.load_npz(model, str(tmp_path / "nothing-here.npz"))
+
+
+def test_deflated_member_cannot_claim_more_than_deflate_gives(tmp_path):
+    """A deflated member whose zip directory claims 1.6 GB from a few hundred bytes is refused from the headers."""
+    from vit_keras import checkpoint
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (400_000_000,)})
+    path = tmp_path / "deflated.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("cls.npy", header.getvalue() + b"\0" * 4096)
+    with pytest.raises(ValueError, match=r"declares shape \(400000000,\) .* at most"):
+        checkpoint.read(str(path))
+
+
+def test_checkpoint_without_head_loads_into_a_new_head(tiny_vit, tmp_path):
+    params = {k: v for k, v in read_npz(tiny_vit.params).items() if not k.startswith("head/")}
+    np.savez(tmp_path / "body.npz", **params)
+    model = vit_keras.build_model(weights=str(tmp_path / "body.npz"), **tiny_vit.config(classes=3))
+    assert not np.any(model.get_layer("head").kernel.numpy())
+    body = vit_keras.build_model(weights=str(tmp_path / "body.npz"), **tiny_vit.config(include_top=False))
+    np.testing.assert_allclose(body(tiny_vit.images), tiny_vit.expected["pre_logits"], atol=1e-4)
+    with pytest.raises(ValueError, match="has no head: classes=None"):
+        vit_keras.build_model(weights=str(tmp_path / "body.npz"), **tiny_vit.config(classes=None))
+
+
+def test_weights_of_a_model_without_published_ones_are_used(tmp_path):
+    """vit_r26_b32 has no preset; weights= must still be loaded, not silently ignored."""
+    with pytest.raises(ValueError, match="Unknown weights .*mine.npz"):
+        vit_keras.vit_r26_b32(image_size=64, classes=2, weights=str(tmp_path / "mine.npz"))
+    model = vit_keras.vit_r26_b32(image_size=64, classes=2)  # nothing to load by default
+    assert model.count_params() > 0
+
+
+def test_cli_download_failure_is_one_line(tmp_path, capsys):
+    import socket
+
+    from vit_keras import cli
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/R50+ViT-B_16.npz"
+    sock.close()
+    assert cli.main(["evaluate", "--model", "vit_r_ti16", "--weights", url, "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vit-keras: error: Could not download " + url) and "\n" not in err

@@ -246,3 +246,11 @@ def test_folder_needs_two_classes_with_images(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vit_keras"):
         splits = data.load(str(three))
     assert splits.class_names == ["cat", "dog", "eel"] and "eel hold no images" in caplog.text
+
+
+def test_folder_too_small_for_three_splits(tmp_path):
+    """5 images: 80/10/10 leaves the test split empty, which used to fail only after training."""
+    make_classes(tmp_path / "tiny", ["a", "b"], n=2)
+    (tmp_path / "tiny" / "a" / "extra.png").write_bytes(image_bytes("PNG", 99))
+    with pytest.raises(ValueError, match=r"has 5 images: too few for train, validation and test splits"):
+        data.image_folder(str(tmp_path / "tiny"))

@@ -330,8 +330,8 @@ def test_exports_follow_the_umask(tiny_model, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--version", "-1"], "must be a positive integer"),
     (["--version", "0"], "must be a positive integer"),
-    (["--name", "../x"], "must be a plain name"),
-    (["--name", "a/b"], "must be a plain name"),
+    (["--name", "../x"], "must be a plain folder name"),
+    (["--name", "a/b"], "must be a plain folder name"),
 ])
 def test_export_refuses_bad_version_and_name(args, message, tmp_path, capsys):
     from vit_keras import cli
@@ -380,13 +380,22 @@ def test_parity_table_runs_in_bounded_batches(tiny_model, tmp_path, monkeypatch)
     monkeypatch.setattr(Interpreter, "resize_tensor_input",
                         lambda self, index, shape, **kw: (resized.append(tuple(shape)),
                                                           original_resize(self, index, shape, **kw))[1])
-    original_probabilities = export.probabilities
-    monkeypatch.setattr(export, "probabilities",
-                        lambda model, pixels: (keras_batches.append(int(pixels.shape[0]) if pixels.shape[0] else -1),
-                                               original_probabilities(model, pixels))[1])
+    import tensorflow as tf
+
+    class RecordingTF:
+        """export's `tf`, recording the size of every batch handed to Keras (tf.constant per batch)."""
+
+        def __getattr__(self, name):
+            return getattr(tf, name)
+
+        def constant(self, value, *args, **kwargs):
+            keras_batches.append(len(value))
+            return tf.constant(value, *args, **kwargs)
+
+    monkeypatch.setattr(export, "tf", RecordingTF())
     rows = {r["variant"]: r for r in export.parity_table(tiny_model, files, images, batch_size=4)}
     assert resized and max(shape[0] for shape in resized) <= 4, resized
-    assert keras_batches and max(keras_batches) <= 4, keras_batches
+    assert sum(keras_batches) == len(images) and max(keras_batches) <= 4, keras_batches
     for variant, probs in expected.items():
         assert rows[variant]["max_abs_diff"] == pytest.approx(float(np.abs(probs - reference).max()), abs=1e-6)
         assert rows[variant]["top1_agreement"] == np.mean(probs.argmax(-1) == reference.argmax(-1))
@@ -395,3 +404,11 @@ def test_parity_table_runs_in_bounded_batches(tiny_model, tmp_path, monkeypatch)
     streamed = export.tflite_predict(interpreter, images, batch_size=3)
     assert interpreter.get_input_details()[0]["shape"][0] <= 3
     np.testing.assert_allclose(streamed, expected["float32"], atol=1e-6)
+
+
+def test_class_names_must_fit_the_outputs(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="2 class names given for a model with"):
+        export.label_names(tiny_model, ["cat", "dog"])
+    with pytest.raises(ValueError, match="int8 variant needs representative_images"):
+        export.export_tflite(tiny_model, str(tmp_path / "t"), variants=("float32", "int8"))
+    assert not (tmp_path / "t").exists()  # refused before converting anything

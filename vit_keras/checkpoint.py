@@ -95,10 +95,13 @@ def _headers(path):
             if dtype.kind != "f":
                 raise ValueError(f"{path}: {key} has dtype {dtype}; a checkpoint holds floating-point arrays.")
             declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if declared > info.file_size - header_bytes:
+            # A deflated member can claim any uncompressed size, but deflate expands at most 1032x.
+            available = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(
+                info.file_size, 1032 * info.compress_size)
+            if declared > available - header_bytes:
                 raise ValueError(
                     f"{path}: {key} declares shape {tuple(shape)} ({declared:,} bytes) but the "
-                    f"archive holds only {info.file_size - header_bytes:,}: the file is corrupt."
+                    f"archive holds at most {max(available - header_bytes, 0):,}: the file is corrupt."
                 )
             found[key] = (tuple(shape), dtype)
     return found
@@ -327,12 +330,15 @@ def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="che
     embeddings = next(layer for _, layer in targets.values() if isinstance(layer, Embeddings))
     has_top = any(k.startswith("head/") for k in targets)
     has_pre_logits = any(k.startswith("pre_logits/") for k in targets)
-    head_fits = has_top and pretrained_top and all(
+    head_fits = has_top and pretrained_top and any(k.startswith("head/") for k in params) and all(
         k not in params or tuple(params[k].shape) == tuple(targets[k][0].shape)
         for k in ("head/kernel", "head/bias")
     )
     assign_, missing, mismatched, reinit = [], [], [], []
     for key, (variable, layer) in targets.items():
+        if key.startswith("head/") and not head_fits:
+            reinit.append((variable, layer, key, params[key].shape if key in params else "no head"))
+            continue
         if key not in params:
             missing.append(f"{key} {tuple(variable.shape)}")
             continue
@@ -349,9 +355,6 @@ def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="che
             if old != new:  # resize whenever the layout differs, not only the token count
                 logger.info("Resizing position embedding grid %s -> %s.", old, new)
                 value = resize_posemb(value, new, prefix, old)
-        if key.startswith("head/") and not head_fits:
-            reinit.append((variable, layer, key, value.shape))
-            continue
         if value.shape != want:
             mismatched.append(f"{key}: checkpoint {value.shape}, model {want}")
             continue

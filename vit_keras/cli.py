@@ -114,10 +114,8 @@ def run_export(model_path, fmt, out, dataset=None, name=None, version=1, variant
     """
     from vit_keras import data, export
 
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"--version must be a positive integer, got {version!r}.")
-    if name is not None:
-        _plain_name(name)
+    if fmt == "saved_model":  # before the model is loaded
+        export._check_name_and_version(name or "model", version)
     model = _load_model(model_path)
     keep = [model_path] if isinstance(model_path, str) else []
     try:
@@ -146,21 +144,14 @@ def run_export(model_path, fmt, out, dataset=None, name=None, version=1, variant
     return rows
 
 
-def _positive_int(text):
-    """argparse type of --version (TF Serving's version folder) and --batch-size: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _plain_name(text):
     """argparse type of --name: a folder name, not a path."""
-    if not text.strip() or ".." in text or "/" in text or "\\" in text or "\0" in text:
-        raise argparse.ArgumentTypeError(f"must be a plain name (no path separators or '..'), got {text!r}")
+    from vit_keras import export
+
+    try:
+        export._check_name_and_version(text, 1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -286,13 +277,13 @@ def run_attention(model_path, images, out, head_fusion="mean", discard_ratio=0.0
 
 def run_evaluate(args):
     """`vit-keras evaluate`: prints the result as JSON (and writes it with --json)."""
-    from vit_keras import evaluate
+    from vit_keras import evaluate, files
 
     result = evaluate.evaluate(args.model, args.dataset, weights=args.weights, image_size=args.image_size,
                                split=args.split, batch_size=args.batch_size, data_dir=args.data_dir,
                                download=args.download)
     if args.json:
-        evaluate.write_json(result, args.json)
+        files.atomic_write_json(result, args.json)
     print(json.dumps(result))
     return result
 
@@ -313,14 +304,14 @@ def main(argv=None):
     export_p.add_argument("--out", required=True, help="SavedModel: OUT/<name>/<version>/; TFLite: OUT/<variant>.tflite")
     export_p.add_argument("--name", type=_plain_name, default=None,
                           help="SavedModel model name, a plain folder name (default: the model's)")
-    export_p.add_argument("--version", type=_positive_int, default=1, help="SavedModel version, a positive integer")
+    export_p.add_argument("--version", type=_positive, default=1, help="SavedModel version, a positive integer")
     export_p.add_argument("--variants", nargs="+", default=None,
                           help="TFLite variants: float32 float16 dynamic_int8 int8 (default: all)")
     export_p.add_argument("--dataset", default=None,
                           help="TFLite calibration and parity data (default: the dataset in metrics.json beside the model)")
     export_p.add_argument("--overwrite", action="store_true",
                           help="replace an earlier export (only a folder the export wrote, never the model's)")
-    export_p.add_argument("--batch-size", type=_positive_int, default=None,
+    export_p.add_argument("--batch-size", type=_positive, default=None,
                           help="images per Keras call and interpreter run in the TFLite parity table (default 16)")
     attn_p = sub.add_parser("attention", help="PNG heat maps of where the model attends")
     attn_p.add_argument("images", nargs="+")
@@ -363,7 +354,7 @@ def main(argv=None):
             run_attention(args.model, args.images, args.out, args.head_fusion, args.discard_ratio)
         else:
             demo(args.out, args.epochs)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, ConnectionError) as e:  # ConnectionError: a failed download
         print(f"vit-keras: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -178,6 +178,9 @@ def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True, tf_data=None):
     files, labels = np.array(files)[order], np.array(labels, "int64")[order]
     n_train = max(1, int(fractions[0] * len(files)))
     n_val = max(1, int(fractions[1] * len(files)))
+    if n_train + n_val >= len(files):
+        raise ValueError(f"{path} has {len(files)} images: too few for train, validation and test splits "
+                         f"(at least {n_train + n_val + 1} needed).")
 
     def split(lo, hi):
         if not tf_data:

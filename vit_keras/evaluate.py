@@ -1,6 +1,5 @@
 """Top-1/top-5 accuracy with the original evaluation preprocessing, streamed in batches."""
 
-import json
 import os
 
 import keras
@@ -8,7 +7,6 @@ import numpy as np
 import tensorflow as tf
 
 from vit_keras import data, presets
-from vit_keras.model import build_model
 from vit_keras.vit import BUILDERS, preprocess_inputs
 
 
@@ -94,12 +92,3 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     size = (height, width) if height != width else height
     return {"model": model.name, "dataset": dataset, "split": split, "image_size": size,
             "count": seen, "top1": top1 / seen, "top5": top5 / seen}
-
-
-def write_json(result, path):
-    """Writes the result as JSON, atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-    return path

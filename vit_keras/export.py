@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from vit_keras import files
 from vit_keras.model import (
     attention_model,
     class_names as model_class_names,
@@ -59,6 +60,8 @@ def label_names(model, class_names=None):
     """The class names to serve: given ones, those in the model's head, or "0".."C-1"."""
     names = class_names or model_class_names(model)
     classes = model.output_shape[-1]
+    if names and len(names) != classes:
+        raise ValueError(f"{len(names)} class names given for a model with {classes} outputs.")
     return list(names) if names else [str(i) for i in range(classes)]
 
 
@@ -251,41 +254,12 @@ def checked_pixels(images, image_size):
     return tf.ensure_shape(images, [None, height, width, 3])
 
 
-def _umask():
-    """The process's umask (read from /proc where it can be, since setting it races with threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _follow_umask(root):
-    """Gives `root` and all under it the modes plain open()/mkdir() give: 0666/0777 less the umask.
-
-    `mkdtemp` makes its folder 0700, so without this a TF Serving process running
-    as another user could not read the export.
-    """
-    mask = _umask()
-    os.chmod(root, 0o777 & ~mask)
-    for folder, dirs, files in os.walk(root):
-        for d in dirs:
-            os.chmod(os.path.join(folder, d), 0o777 & ~mask)
-        for f in files:
-            os.chmod(os.path.join(folder, f), 0o666 & ~mask)
-
-
 def _listing(root):
     """Relative paths of the files (and links) under `root`."""
     found = []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, names in os.walk(root):
         links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
-        found += [os.path.relpath(os.path.join(folder, f), root) for f in files + links]
+        found += [os.path.relpath(os.path.join(folder, f), root) for f in names + links]
     return sorted(found)
 
 
@@ -337,10 +311,10 @@ def _atomic_dir(final, overwrite, keep=()):
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield tmp
-        files = _listing(tmp)
+        written = _listing(tmp)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"written_by": "vit-keras export", "files": files}, f, indent=1)
-        _follow_umask(tmp)
+            json.dump({"written_by": "vit-keras export", "files": written}, f, indent=1)
+        files.follow_umask(tmp)
         if not os.path.lexists(final):
             os.rename(tmp, final)
             return
@@ -630,6 +604,8 @@ def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_image
     for variant in variants:
         if variant not in TFLITE_VARIANTS:
             raise ValueError(f"Unknown TFLite variant {variant!r}; use one of {TFLITE_VARIANTS}.")
+    if "int8" in variants and representative_images is None:
+        raise ValueError("The int8 variant needs representative_images for calibration.")
     _check_target(out_dir, overwrite, keep)  # before the slow part
     names = label_names(model, class_names)
     model = float32_copy(model)  # once for all variants

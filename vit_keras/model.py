@@ -1,5 +1,7 @@
 """Assembles the Vision Transformer with the functional API."""
 
+import numbers
+
 import keras
 import numpy as np
 
@@ -8,8 +10,8 @@ from vit_keras.layers.std_conv import standardize_kernel
 
 
 def _image_shape(image_size):
-    if isinstance(image_size, int):
-        return image_size, image_size
+    if isinstance(image_size, numbers.Integral):
+        return int(image_size), int(image_size)
     h, w = image_size
     return int(h), int(w)
 
@@ -110,6 +112,8 @@ def build_model(
         params = checkpoint.read(path)
         if classes is None:
             classes = checkpoint.head_classes(params)
+            if classes is None:
+                raise ValueError(f"{path} has no head: classes=None cannot take its class count; pass classes.")
         if representation_size is None and checkpoint.representation_size(params):
             head_kept = (include_top and pretrained_top and checkpoint.head_classes(params) == classes)
             keep = head_kept if keep_pre_logits is None else keep_pre_logits

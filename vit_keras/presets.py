@@ -1,6 +1,7 @@
 """Model configurations and the published checkpoints, as flat tables."""
 
 import dataclasses
+import numbers
 
 
 def _vit(patch, layers, width, heads, mlp, dropout, classifier="token", **extra):
@@ -138,7 +139,7 @@ def find_preset(model, weights, image_size=None):
             f"No published {weights!r} checkpoint for {model}; known: {have}. "
             "Pass a local path or URL of an .npz file instead."
         )
-    side = image_size if isinstance(image_size, int) else None
-    if image_size is not None and not isinstance(image_size, int) and len(set(image_size)) == 1:
+    side = int(image_size) if isinstance(image_size, numbers.Integral) else None
+    if image_size is not None and side is None and len({int(s) for s in image_size}) == 1:
         side = int(image_size[0])
     return next((p for p in found if p.resolution == side), found[0])

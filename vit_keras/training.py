@@ -19,7 +19,8 @@ import keras
 import numpy as np
 
 from vit_keras import data as data_lib
-from vit_keras import distribute, presets
+from vit_keras import distribute, files, presets
+from vit_keras.files import atomic_write_json  # noqa: F401 (also part of this module's API)
 from vit_keras.model import build_model
 
 logger = logging.getLogger("vit_keras")
@@ -36,26 +37,6 @@ class TrainingDiverged(FloatingPointError, ValueError):
     """The loss or the weights stopped being finite numbers; nothing after that was saved."""
 
 
-def _umask():
-    """The process umask, read without changing it where Linux tells it (no race with threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp, path):
-    """Renames a `mkstemp` file (created 0600) into place with the mode the umask gives new files."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
 def atomic_save(model, path):
     """Saves a `.keras` file through a temporary file and a rename."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -64,18 +45,7 @@ def atomic_save(model, path):
     os.close(fd)
     try:
         model.save(tmp)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(obj, path):
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        _publish(tmp, path)
+        files.publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -455,7 +425,7 @@ def train(
         StopOnNaN(backup, learning_rate),  # first: it checks before anything is written
         backup,
         BestAndLast(out_dir, run=backup.run),
-        keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),
+        keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=bool(step)),  # a resumed run appends
     ]
     if _have_tensorflow():  # Keras's TensorBoard callback writes with tf.summary, on any backend
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False))

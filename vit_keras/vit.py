@@ -32,7 +32,8 @@ _DOC = """Builds {title}.
         activation: str. Activation of the head. Defaults to "linear".
         include_top: bool. False outputs the pooled representation.
             Defaults to True.
-        pretrained: bool. Load `weights`. Defaults to {pretrained}.
+        pretrained: bool or None. Load `weights`; None loads them when there
+            are any ({pretrained} by default). Defaults to None.
         pretrained_top: bool. Load the checkpoint's head when its shape fits
             (else it is re-initialised, with a log line). Defaults to True.
         weights: str. {names}, or a local path or URL of an original `.npz`
@@ -63,7 +64,7 @@ def _entry(model_name):
         classes=1000,
         activation="linear",
         include_top=True,
-        pretrained=default is not None,
+        pretrained=None,
         pretrained_top=True,
         weights=default,
         dropout=None,
@@ -71,6 +72,8 @@ def _entry(model_name):
         classifier=None,
         keep_pre_logits=None,
     ):
+        if pretrained is None:  # load what there is: the default checkpoint, or the given weights
+            pretrained = weights is not None
         if pretrained and weights is None:
             raise ValueError(f"{model_name} has no published weights: pass pretrained=False or a path/URL.")
         path = checkpoint.resolve(weights, model=model_name, image_size=image_size) if pretrained else None
