@@ -342,7 +342,7 @@ def train(
         overwrite: bool. Whether to start over in an `out` that holds a finished
             run (its `model.keras` or `metrics.json`); without it that raises
             `FileExistsError`. Its files are replaced as the new run writes
-            its own. An unfinished run (one with a backup) always resumes.
+            its own; `log.csv` and `logs/` are appended to. An unfinished run (one with a backup) always resumes.
         Other arguments: see `vit-keras train --help`.
 
     Raises:
@@ -425,7 +425,8 @@ def train(
         StopOnNaN(backup, learning_rate),  # first: it checks before anything is written
         backup,
         BestAndLast(out_dir, run=backup.run),
-        keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=bool(step)),  # a resumed run appends
+        # Appended to, also under --overwrite: a rerun that fails must not have cleared the old log.
+        keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),
     ]
     if _have_tensorflow():  # Keras's TensorBoard callback writes with tf.summary, on any backend
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False))

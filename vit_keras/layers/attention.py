@@ -95,13 +95,18 @@ class Attention(keras.layers.Layer):
         return input_shape, (b, self.num_heads, t, t)
 
     def compute_output_spec(self, inputs, training=None, return_weights=True):
-        output = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
-        if not return_weights:
-            return output
-        b, t, _ = inputs.shape
-        return output, keras.KerasTensor((b, self.num_heads, t, t), dtype="float32")
+        return tokens_and_weights_spec(inputs, self.compute_dtype, self.num_heads, return_weights)
 
     def get_config(self):
         config = super().get_config()
         config.update({"num_heads": self.num_heads, "dropout": self.dropout})
         return config
+
+
+def tokens_and_weights_spec(inputs, dtype, num_heads, return_weights):
+    """Symbolic outputs of a layer that returns tokens like `inputs` and, if asked, float32 weights."""
+    output = keras.KerasTensor(inputs.shape, dtype=dtype)
+    if not return_weights:
+        return output
+    b, t, _ = inputs.shape
+    return output, keras.KerasTensor((b, num_heads, t, t), dtype="float32")

@@ -2,7 +2,7 @@
 
 import keras
 
-from vit_keras.layers.attention import Attention
+from vit_keras.layers.attention import Attention, tokens_and_weights_spec
 from vit_keras.layers.mlp import Mlp
 
 LN_EPSILON = 1e-6
@@ -78,11 +78,7 @@ class Block(keras.layers.Layer):
         return input_shape, (b, self.num_heads, t, t)
 
     def compute_output_spec(self, inputs, training=None, return_weights=True):
-        output = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
-        if not return_weights:
-            return output
-        b, t, _ = inputs.shape
-        return output, keras.KerasTensor((b, self.num_heads, t, t), dtype="float32")
+        return tokens_and_weights_spec(inputs, self.compute_dtype, self.num_heads, return_weights)
 
     def get_config(self):
         config = super().get_config()
