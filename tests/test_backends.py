@@ -173,3 +173,33 @@ def test_gpu_benchmark_dry_run(tmp_path):
             assert timed and all(r["images_per_s"] > 0 for r in timed), (backend, section, got)
     assert [r for r in rows["torch"] if r["section"] == "timm" and ("images_per_s" in r or "skipped" in r)]
     assert "| backend" in proc.stdout  # the report table
+
+
+def test_export_from_a_jax_process_gives_the_tensorflow_savedmodel(tmp_path):
+    """`vit-keras export` under KERAS_BACKEND=jax runs the export under TensorFlow; a JAX-saved .keras serves its outputs."""
+    import subprocess
+    import sys
+
+    import keras
+    import tensorflow as tf
+
+    script = (
+        "import sys, vit_keras\n"
+        "m = vit_keras.build_model(32, 16, 1, 32, 2, 64, classes=3, name='jaxmodel')\n"
+        "h = m.get_layer('head'); import numpy as np\n"
+        "h.kernel.assign(np.random.default_rng(0).normal(size=h.kernel.shape).astype('float32'))\n"
+        "m.save(sys.argv[1])\n"
+        "from vit_keras import cli\n"
+        "sys.exit(cli.main(['export', '--model', sys.argv[1], '--format', 'saved_model', '--out', sys.argv[2]]))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.keras"), str(tmp_path / "serving")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    model = keras.saving.load_model(tmp_path / "m.keras")  # here: the TensorFlow backend
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = tf.nn.softmax(model(pixels / 127.5 - 1.0), axis=-1).numpy()
+    served = tf.saved_model.load(str(tmp_path / "serving" / "jaxmodel" / "1"))
+    got = served.signatures["predict_images"](images=tf.constant(pixels))["probabilities"].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert expected.max() - expected.min() > 0.01  # a real head: not uniform

@@ -293,6 +293,27 @@ def _print_metrics(metrics, out):
           f"steps {metrics['steps']}  wall {metrics['wall_seconds']:.0f} s  -> {out}/model.keras")
 
 
+# Exports are TensorFlow graphs and attention maps decode images with TensorFlow: under another
+# backend these commands run again in a process of their own under the TensorFlow backend
+# (a .keras file loads on any backend).
+TF_COMMANDS = ("export", "attention")
+
+
+def _tensorflow_backend():
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
+
+
+def _in_tensorflow_process(argv):
+    """Runs `vit-keras ARGV` in a new process under the TensorFlow backend; returns its exit code."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    return subprocess.call([sys.executable, "-m", "vit_keras.cli", *argv], env=env)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="vit-keras", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +358,8 @@ def main(argv=None):
     demo_p.add_argument("--out", default="runs/demo")
     demo_p.add_argument("--epochs", type=int, default=DEMO["epochs"])
     args = parser.parse_args(argv)
+    if args.command in TF_COMMANDS and not _tensorflow_backend():
+        return _in_tensorflow_process(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -373,14 +396,25 @@ def demo(out, epochs=DEMO["epochs"]):
     metrics = training.train(**dict(DEMO, out=out, epochs=epochs, overwrite=True)).metrics
     _print_metrics(metrics, out)
     model_path = os.path.join(out, "model.keras")
-    run_export(model_path, "saved_model", os.path.join(out, "export"), overwrite=True)
-    run_export(model_path, "tflite", os.path.join(out, "tflite"), dataset="digits", overwrite=True)
     images, _ = data.pixels(data.load("digits").test, 64, 3)
     files = []
     for i, image in enumerate(images):
         files.append(os.path.join(out, f"digit_{i}.png"))
         PIL.Image.fromarray(np.asarray(image)).save(files[-1])
-    run_attention(model_path, files, os.path.join(out, "attention"))
+    if _tensorflow_backend():
+        run_export(model_path, "saved_model", os.path.join(out, "export"), overwrite=True)
+        run_export(model_path, "tflite", os.path.join(out, "tflite"), dataset="digits", overwrite=True)
+        run_attention(model_path, files, os.path.join(out, "attention"))
+        return metrics
+    for argv in (
+        ["export", "--model", model_path, "--format", "saved_model", "--out", os.path.join(out, "export"),
+         "--overwrite"],
+        ["export", "--model", model_path, "--format", "tflite", "--out", os.path.join(out, "tflite"),
+         "--dataset", "digits", "--overwrite"],
+        ["attention", *files, "--model", model_path, "--out", os.path.join(out, "attention")],
+    ):
+        if _in_tensorflow_process(argv):
+            raise ValueError(f"vit-keras {argv[0]} failed under the TensorFlow backend (see above).")
     return metrics
 
 
