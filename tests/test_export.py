@@ -412,3 +412,15 @@ def test_class_names_must_fit_the_outputs(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="int8 variant needs representative_images"):
         export.export_tflite(tiny_model, str(tmp_path / "t"), variants=("float32", "int8"))
     assert not (tmp_path / "t").exists()  # refused before converting anything
+
+
+def test_int8_input_takes_pixels_as_they_are(tiny_model):
+    """Calibrated on dim images only (100..150), the uint8 input must still be the identity on pixels 0..255."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.default_rng(0)
+    dim = rng.uniform(100, 150, (8, *tiny_model.input_shape[1:])).astype("float32")
+    blob = export.convert_tflite(tiny_model, "int8", dim)
+    interpreter = Interpreter(model_content=blob)
+    details = interpreter.get_input_details()[0]
+    assert details["dtype"] == np.uint8 and details["quantization"] == (1.0, 0)

@@ -497,10 +497,22 @@ def convert_tflite(model, variant="float32", representative_images=None):
     converter = _configure(tf.lite.TFLiteConverter.from_concrete_functions([fn]), variant,
                            representative_images)
     try:
-        return _convert_frozen(converter, fn)
+        blob = _convert_frozen(converter, fn)
     finally:
         del converter, fn
         _release_memory()
+    if variant == "int8":
+        _check_pixel_input(blob)
+    return blob
+
+
+def _check_pixel_input(blob):
+    # Apps feed the uint8 input camera pixels as they are: its quantisation must be the identity.
+    details = tflite_interpreter(blob).get_input_details()[0]
+    scale, zero = details["quantization"]
+    if details["dtype"] != np.uint8 or abs(scale - 1.0) > 1e-6 or zero != 0:
+        raise ValueError(f"int8 conversion gave input {details['dtype'].__name__} with scale {scale}, zero "
+                         f"point {zero}; pixels 0..255 need scale 1, zero point 0.")
 
 
 def _convert_frozen(converter, fn):
@@ -541,8 +553,11 @@ def _configure(converter, variant, representative_images):
             raise ValueError("The int8 variant needs representative_images for calibration.")
 
         def representative():  # one image at a time: no float32 copy of the whole set
-            for image in representative_images:
-                yield [np.asarray(image, "float32")[None]]
+            for i, image in enumerate(representative_images):
+                image = np.asarray(image, "float32")
+                if i == 0:  # 0 and 255 both seen: the uint8 input takes pixels as they are (scale 1)
+                    yield [np.where(np.indices(image.shape)[1] % 2 == 0, 0.0, 255.0).astype("float32")[None]]
+                yield [image[None]]
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative
