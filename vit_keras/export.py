@@ -554,9 +554,9 @@ def _configure(converter, variant, representative_images):
 
         def representative():  # one image at a time: no float32 copy of the whole set
             for i, image in enumerate(representative_images):
-                image = np.asarray(image, "float32")
-                if i == 0:  # 0 and 255 both seen: the uint8 input takes pixels as they are (scale 1)
-                    yield [np.where(np.indices(image.shape)[1] % 2 == 0, 0.0, 255.0).astype("float32")[None]]
+                image = np.array(image, "float32")
+                if i == 0:  # one pixel 0 and one 255: the uint8 input takes pixels as they are (scale 1)
+                    image[0, 0], image[0, -1] = 0.0, 255.0
                 yield [image[None]]
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
