@@ -18,7 +18,7 @@
 # (9.4 MB; all pure Python but optree and h5py, whose cp312 manylinux wheels are taken). Only the
 # packages that do not import are installed, with --no-deps --no-index: nothing the machine has is
 # replaced, except a keras other than 3.15.1. vit_keras itself runs from the checkout (PYTHONPATH).
-# With the device tool: command "OUT=$OUT bash benchmarks/gpu.sh", carry [".whl"], timeout_s 540.
+# Copy the checkout with .whl/ to the GPU machine and run "OUT=<folder> bash benchmarks/gpu.sh" (about 8 min).
 # Environment: PYTHON (default python3), OUT (folder for the JSON lines; default a temporary one),
 # BUDGET_S (seconds for the timed part, default 450).
 set -euo pipefail
