@@ -66,14 +66,14 @@ def case(request):
     return Case(request.param)
 
 
-@pytest.fixture(scope="session")
-def tiny_vit():
-    return Case("tiny_vit")
+def _case_fixture(name):
+    return pytest.fixture(scope="session", name=name)(lambda: Case(name))
 
 
-@pytest.fixture(scope="session")
-def tiny_r50():
-    return Case("tiny_r50")
+tiny_vit = _case_fixture("tiny_vit")
+tiny_r50 = _case_fixture("tiny_r50")
+tiny_vit_gap = _case_fixture("tiny_vit_gap")
+tiny_rti = _case_fixture("tiny_rti")
 
 
 def assert_close(actual, expected, atol, what=""):

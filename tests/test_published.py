@@ -146,16 +146,6 @@ def test_unknown_classifier():
         vit_keras.build_model(32, 16, 1, 64, 4, 128, classes=2, classifier="mean")
 
 
-@pytest.fixture(scope="module")
-def tiny_vit_gap():
-    return Case("tiny_vit_gap")
-
-
-@pytest.fixture(scope="module")
-def tiny_rti():
-    return Case("tiny_rti")
-
-
 def test_readme_table_lists_every_builder_and_weights():
     """The README's model table is this table of presets and the original's parameter counts."""
     import pathlib
