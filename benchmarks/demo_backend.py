@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=jax python benchmarks/demo_backend.py [--epochs 60] [--out runs/demo_jax]
 
-Trains the small hybrid on the built-in digits exactly as `vit_keras.cli.DEMO`
+Trains the small hybrid on the built-in digits exactly as `vit_keras.training.DEMO`
 says (60 epochs, batch 32, 64x64, SGD + warm-up + cosine) with
 `vit_keras.training.train`, and prints the backend, the test top-1 accuracy and
 the wall time. On JAX and PyTorch the input is the TensorFlow-free
@@ -10,6 +10,7 @@ the wall time. On JAX and PyTorch the input is the TensorFlow-free
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -23,13 +24,12 @@ def main():
     args = parser.parse_args()
     import keras
 
-    from vit_keras import cli, training
+    from vit_keras import training
 
-    config = dict(cli.DEMO, verbose=2, overwrite=True)
-    if args.epochs:
-        config["epochs"] = args.epochs
+    config = dataclasses.replace(training.DEMO, verbose=2, overwrite=True,
+                                 epochs=args.epochs or training.DEMO.epochs)
     out = args.out or tempfile.mkdtemp(prefix="demo_backend_")
-    metrics = training.train(**dict(config, out=out)).metrics
+    metrics = training.train(config, out=out).metrics
     result = {
         "backend": keras.backend.backend(),
         "test_top1": round(metrics["test_top1"], 4),

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
 
 # Scripts that tests run in subprocesses; importing them (--doctest-modules) would run them.
-collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "upstream_multi_worker.py"]
+collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "recipe_run.py",
+                  "upstream_multi_worker.py"]
 CASES = ["tiny_vit", "tiny_r50", "tiny_r50_posemb", "tiny_vit_gap", "tiny_rti"]
 
 
@@ -86,8 +87,8 @@ def assert_close(actual, expected, atol, what=""):
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The README's demo training (small hybrid on digits), run once per test session."""
-    from vit_keras import cli, training
+    from vit_keras import training
 
     out = tmp_path_factory.mktemp("demo")
-    result = training.train(**dict(cli.DEMO, out=str(out), verbose=0))
+    result = training.train(training.DEMO, out=str(out), verbose=0)
     return out, result

@@ -13,16 +13,16 @@ import numpy as np
 import tensorflow as tf
 
 strategy, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
 if strategy == "mirrored":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 from vit_keras import distribute, training  # noqa: E402
 
-result = training.train(
-    model="vit_tiny16", dataset="digits", image_size=32, epochs=1, batch_size=32,
-    strategy=strategy, out=out, verbose=0,
-)
+config = training.TrainConfig(model="vit_tiny16", dataset="digits", image_size=32, epochs=1, batch_size=32,
+                              strategy=strategy, out=out, verbose=0)
+result = training.train(config)
 replicas = []
 for variable in result.model.trainable_variables:
     values = getattr(variable.value, "values", None) or (variable.value,)

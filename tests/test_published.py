@@ -39,7 +39,7 @@ def test_parameter_count_equals_the_original(name):
 
 def test_dropout_per_model_and_overridable():
     for name, rate in ORIGINAL_DROPOUT.items():
-        assert vit_keras.presets.CONFIGS[name]["dropout"] == rate, name
+        assert vit_keras.presets.CONFIGS[name].dropout == rate, name
     for name in ("vit_ti16", "vit_r_ti16", "vit_r50_b16"):  # the builders take it from the table
         rate = ORIGINAL_DROPOUT[name]
         model = vit_keras.BUILDERS[name](image_size=64, classes=2, pretrained=False)
@@ -159,9 +159,22 @@ def test_readme_table_lists_every_builder_and_weights():
             found = [p for p in presets.PRESETS if p.model == name and p.weights == weights]
             if found:
                 names.append(f"`{weights}`: {', '.join(str(p.resolution) for p in found)}; {found[0].classes}")
-        row = (f"| `{name}` | {presets.TITLES[name]} | {ORIGINAL_SIZES[name]:,} | {config['dropout']} | "
-               f"{'<br>'.join(names) or 'none published'} |")
+        licences = sorted({p.license for p in presets.PRESETS if p.model == name}) or ["—"]
+        row = (f"| `{name}` | {config.title} | {ORIGINAL_SIZES[name]:,} | {config.dropout} | "
+               f"{'<br>'.join(names) or 'none published'} | {', '.join(licences)} |")
         assert row in readme, row
+
+
+def test_every_preset_takes_the_preprocessing_the_exports_apply():
+    """Exports and training pipelines bake `preprocess_inputs`' defaults: a preset with other statistics
+    would be served wrongly, so it must not appear without its own preprocessing path."""
+    from vit_keras import preprocessing, presets
+
+    for preset in presets.PRESETS:
+        assert (preset.mean, preset.std) == (preprocessing.MEAN, preprocessing.STD), preset
+    x = np.array([[0.0, 51.0, 255.0]] * 3).T  # [3 pixels, 3 channels]
+    other = preprocessing.preprocess_inputs(x, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    np.testing.assert_allclose(other, (x / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225], rtol=1e-6)
 
 
 def test_attention_map_of_a_model_without_class_token(tiny_vit_gap):

@@ -16,12 +16,14 @@ def intermediates(model, images):
     out = {}
     x = images
     if emb.resnet_layers is not None:
-        conv, gn, x = emb.resnet.stem(images)
-        out["resnet/conv_root"], out["resnet/gn_root"] = conv, gn
-        for unit in emb.resnet.units:
-            x = unit(x)
-            stage, u = unit.name.split("_")
-            out[f"resnet/{stage}/{u}"] = out[f"resnet/{stage}"] = x
+        resnet = emb.resnet
+        out["resnet/conv_root"] = resnet.conv_root(images)
+        out["resnet/gn_root"] = resnet.gn_root(out["resnet/conv_root"])
+        x = resnet.root(images)
+        for stage in resnet.stages:
+            for unit in stage.units:
+                x = unit(x)
+                out[f"resnet/{stage.name}/{unit.name}"] = out[f"resnet/{stage.name}"] = x
     out["embedding_out"] = emb.embedding(x)
     tokens = emb(images)
     out["encoder_input"] = tokens

@@ -168,8 +168,15 @@ def test_continue_from_keras_file(tmp_path):
     first = training.train(dataset="digits", out=str(tmp_path / "a"), epochs=1, **TINY)
     path = str(tmp_path / "a" / "model.keras")
     kwargs = {k: v for k, v in TINY.items() if k != "model"}
-    again = training.train(model=path, dataset="digits", out=str(tmp_path / "b"), epochs=1, **kwargs)
+    # With a learning rate of 0 the run must end where the file started: its weights, its accuracy.
+    again = training.train(model=path, dataset="digits", out=str(tmp_path / "b"), epochs=1,
+                           learning_rate=0.0, **kwargs)
     assert again.metrics["steps"] == first.metrics["steps"]
+    for before, after in zip(first.model.weights, again.model.weights):
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after), err_msg=before.path)
+    assert again.metrics["test_top1"] == first.metrics["test_top1"] > 0.3  # a new head would be at chance
+    moved = training.train(model=path, dataset="digits", out=str(tmp_path / "m"), epochs=1, **kwargs)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first.model.weights, moved.model.weights))
     folder = make_folder(tmp_path / "images")
     with pytest.raises(ValueError, match="has 10 outputs but the dataset has 2 classes"):
         training.train(model=path, dataset=str(folder), out=str(tmp_path / "c"), epochs=1,

@@ -175,3 +175,20 @@ def test_attention_inputs_with_the_same_name_get_their_own_png(tiny_keras, tmp_p
     lines = stdout.strip().splitlines()
     assert lines[0].endswith(f"-> {out / 'x_attention.png'}")
     assert f"-> {out / 'x_2_attention.png'}" in lines[1] and "same file name" in lines[1]
+
+
+def test_read_image_refuses_before_decoding(tmp_path):
+    """Images over the pixel limit are refused from their header; bytes that are no image name the file."""
+    big = tmp_path / "big.png"
+    PIL.Image.new("L", (4100, 4100)).save(big)  # 16.8 M pixels, a few KB compressed
+    with pytest.raises(ValueError, match=r"big.png: image exceeds the limit of 16777216 pixels \(4100x4100\)"):
+        visualize.read_image(big)
+    small = tmp_path / "small.png"
+    PIL.Image.new("RGB", (20, 10), (1, 2, 3)).save(small)
+    assert visualize.read_image(small).shape == (10, 20, 3)
+    with pytest.raises(ValueError, match="exceeds the limit of 100 pixels"):
+        visualize.read_image(small, max_pixels=100)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png: undecodable image"):
+        visualize.read_image(text)

@@ -9,6 +9,7 @@ are rewritten to one (the published pre-Linen names) by small quirk functions.
 import logging
 import os
 import re
+import typing
 import urllib.parse
 import zipfile
 import zlib
@@ -16,7 +17,7 @@ import zlib
 import numpy as np
 
 from vit_keras import download, presets
-from vit_keras.layers import Embeddings, ResNet
+from vit_keras.layers import Embeddings
 
 logger = logging.getLogger("vit_keras")
 
@@ -199,6 +200,13 @@ def canonical(params, path="checkpoint"):
     return params
 
 
+class Checkpoint(typing.NamedTuple):
+    """A checkpoint read once: where it came from and its arrays under the published names."""
+
+    path: str
+    params: dict
+
+
 def read(path):
     """Reads a checkpoint file into `{published key: float array}`, validated.
 
@@ -230,39 +238,33 @@ def head_classes(params):
 # ----------------------------------------------------------------------------- the name walk
 
 
-def _scope(layer):
-    """The layer's segment of the checkpoint path."""
-    # The original inlines the embedding wrapper and the ResNet at the tree's root.
-    if isinstance(layer, (Embeddings, ResNet)):
-        return ""
-    # Keras forbids '/' in names: unit "block2_unit1" is the original "block2/unit1".
-    match = re.fullmatch(r"(block\d+)_(unit\d+)", layer.name)
-    return "/".join(match.groups()) if match else layer.name
+def _checkpoint_key(path):
+    """A variable's path in the model's layer tree -> its key in the original checkpoint.
 
-
-def _variable_key(layer, variable, prefix):
+    The layer tree is the checkpoint tree (`Transformer/encoderblock_0/...`,
+    `resnet/block1/unit1/conv1/kernel`), with three quirks of the original.
+    """
+    parts = path.split("/")
     # The original keeps the position embedding inside the Transformer scope.
-    if isinstance(layer, Embeddings) and variable.name == "pos_embedding":
+    if parts == ["embeddings", "pos_embedding"]:
         return POSEMB_KEY
-    return "/".join(p for p in (prefix, _VAR_NAMES.get(variable.name, variable.name)) if p)
+    # The original inlines the embedding wrapper and the ResNet at the tree's root.
+    if parts[0] == "embeddings":
+        parts = parts[2:] if parts[1:2] == ["resnet"] else parts[1:]
+    # Keras's LayerNorm weights are Flax's scale and bias.
+    return "/".join(parts[:-1] + [_VAR_NAMES.get(parts[-1], parts[-1])])
 
 
 def checkpoint_variables(model):
-    """Maps each original checkpoint key to the model's variable and its layer."""
+    """Maps each original checkpoint key to the model's variable and the top-level layer holding it."""
     found = {}
-
-    def walk(layer, prefix):
-        children = layer._flatten_layers(include_self=False, recursive=False)
-        inner = {id(v) for child in children for v in child.weights}
-        for variable in layer.weights:
-            if id(variable) not in inner:
-                found[_variable_key(layer, variable, prefix)] = (variable, layer)
-        for child in children:
-            scope = _scope(child)
-            walk(child, "/".join(p for p in (prefix, scope) if p))
-
     for layer in model.layers:
-        walk(layer, _scope(layer))
+        for variable in layer.weights:
+            inner = variable.path[len(layer.path):] if variable.path.startswith(layer.path + "/") else ""
+            if not inner:
+                raise ValueError(f"Variable {variable.path} is not under its layer's path {layer.path}: "
+                                 "the model's layers were not built by this package's builders.")
+            found[_checkpoint_key(layer.name + inner)] = (variable, layer)
     return found
 
 

@@ -24,9 +24,11 @@ import threading
 import keras
 import numpy as np
 
-from vit_keras.vit import preprocess_inputs
+from vit_keras.preprocessing import preprocess_inputs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The splits every dataset is given as (`Splits` fields).
+SPLITS = ("test", "validation", "train")
 
 logger = logging.getLogger("vit_keras")
 

@@ -7,7 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 from vit_keras import data, presets
-from vit_keras.vit import BUILDERS, preprocess_inputs
+from vit_keras import vit
+from vit_keras.preprocessing import MEAN, STD, preprocess_inputs
 
 
 def load_model(model, weights=None, image_size=None):
@@ -23,15 +24,22 @@ def load_model(model, weights=None, image_size=None):
         if not os.path.isfile(model):
             raise ValueError(f"{model}: no such .keras file.")
         return keras.saving.load_model(model)
-    if model not in BUILDERS:
-        raise ValueError(f"Unknown model {model!r}; use a builder name ({', '.join(BUILDERS)}) or a .keras file.")
+    if model not in presets.CONFIGS:
+        raise ValueError(f"Unknown model {model!r}; use a builder name ({', '.join(presets.CONFIGS)}) "
+                         "or a .keras file.")
     weights = weights or presets.default_weights(model)
     if weights is None:
         raise ValueError(f"{model} has no published weights: pass --weights (an .npz path or URL).")
-    if image_size is None:
-        image_size = presets.find_preset(model, weights).resolution if weights in presets.WEIGHT_NAMES else 224
-    # classes=None: the head as the checkpoint has it.
-    return BUILDERS[model](image_size=image_size, classes=None, weights=weights)
+    # classes=None: the head as the checkpoint has it; image_size None: the checkpoint's resolution.
+    return vit.create(model, weights=weights, classes=None, image_size=image_size)
+
+
+def _preset(model, weights, image_size):
+    """The published checkpoint a builder name with `weights` loads, or None."""
+    if not isinstance(model, str) or model not in presets.CONFIGS:
+        return None
+    weights = weights or presets.default_weights(model)
+    return presets.find_preset(model, weights, image_size) if weights in presets.WEIGHT_NAMES else None
 
 
 def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_size=32,
@@ -39,7 +47,8 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     """Top-1 and top-5 accuracy of `model` on a split of `dataset`.
 
     Preprocessing is the original's evaluation: decode, resize to the model's
-    resolution (bilinear, no crop), `x / 127.5 - 1`. Images stream through in
+    resolution (bilinear, no crop), normalise with the checkpoint's mean and
+    std (`x / 127.5 - 1` for every published one). Images stream through in
     batches of `batch_size` under a Keras progress bar.
 
     Args:
@@ -60,8 +69,10 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    if split not in ("test", "validation", "train"):
-        raise ValueError(f"Unknown split {split!r}; use test, validation or train.")
+    if split not in data.SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {data.SPLITS}.")
+    preset = _preset(model, weights, image_size)
+    mean, std = (preset.mean, preset.std) if preset else (MEAN, STD)
     model = load_model(model, weights, image_size)
     splits = data.load(dataset, data_dir=data_dir, download=download, tf_data=True)  # on any backend
     classes = model.output_shape[-1]
@@ -72,7 +83,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
 
     def prepare(image, label):
         image = tf.image.resize(data._decode(image), (height, width))  # bilinear, as the original
-        return preprocess_inputs(tf.clip_by_value(image, 0.0, 255.0)), label
+        return preprocess_inputs(tf.clip_by_value(image, 0.0, 255.0), mean, std), label
 
     ds = getattr(splits, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     total = int(getattr(splits, split).cardinality().numpy())

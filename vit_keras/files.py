@@ -1,4 +1,4 @@
-"""File modes for atomically written outputs: what plain open()/mkdir() would have given."""
+"""Files written safely: atomic JSON, modes that follow the umask, output folders, `.keras` loading with clear errors."""
 
 import json
 import os
@@ -50,3 +50,31 @@ def atomic_write_json(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def load_keras(path):
+    """A `.keras` file -> the model (a model is passed through); failures: one-line ValueError naming the path."""
+    import keras
+
+    if not isinstance(path, (str, os.PathLike)):
+        return path
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot load the model {path}: no such file.")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the file
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"cannot load the model {path}: {lines[0] if lines else type(e).__name__}") from None
+
+
+def output_folder(out):
+    """Creates `out` if needed; a file there, or a folder that cannot be written, is a ValueError."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder.")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"the output folder {out} is not writable.")

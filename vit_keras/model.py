@@ -5,7 +5,7 @@ import numbers
 import keras
 import numpy as np
 
-from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, StdConv2D
+from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken
 from vit_keras.layers.std_conv import standardize_kernel
 
 
@@ -80,8 +80,9 @@ def build_model(
             "token_unpooled" (class token kept, every token out).
             Defaults to "token".
         name: str. Model name. Defaults to "vit".
-        weights: str or None. A local path or URL of an original `.npz`
-            checkpoint to load. Defaults to None.
+        weights: str, `checkpoint.Checkpoint` or None. A local path or URL
+            of an original `.npz` checkpoint to load (or one already read).
+            Defaults to None.
         pretrained_top: bool. Load the checkpoint's head when its shape fits.
             Defaults to True.
         keep_pre_logits: bool or None. Keep the checkpoint's `pre_logits`
@@ -108,8 +109,10 @@ def build_model(
     if weights is not None:
         from vit_keras import checkpoint
 
-        path = checkpoint.resolve(weights)
-        params = checkpoint.read(path)
+        if not isinstance(weights, checkpoint.Checkpoint):
+            path = checkpoint.resolve(weights)
+            weights = checkpoint.Checkpoint(path, checkpoint.read(path))
+        path, params = weights
         if classes is None:
             classes = checkpoint.head_classes(params)
             if classes is None:
@@ -204,26 +207,23 @@ def attention_model(model):
         return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
     weights = []
 
-    def with_weights(operation):
-        if operation is not encoder:
-            return operation
-
+    def call(layer, *args, **kwargs):
+        if layer is not encoder:
+            return layer(*args, **kwargs)
         # The encoder's blocks one by one (Keras checks a graph against each layer's first call,
         # so the encoder itself cannot be called again with other outputs).
-        def call(inputs, training=None, return_weights=False):
-            x = inputs
-            for block in encoder.blocks:
-                x, w = block(x, training=training, return_weights=True)
-                weights.append(w)
-            return encoder.encoder_norm(x)
+        x, training = args[0], kwargs.get("training")
+        for block in encoder.blocks:
+            x, w = block(x, training=training, return_weights=True)
+            weights.append(w)
+        return encoder.encoder_norm(x)
 
-        return call
-
-    inputs = [keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name) for x in model.inputs]
-    outputs = model._run_through_graph(inputs, operation_fn=with_weights)  # the same layers, new tensors
+    # The same layers (no copies) called on new inputs; the encoder through its blocks.
+    graph = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
     if len(weights) != encoder.num_layers:
         raise ValueError(f"The encoder of model {model.name!r} is not on the path from its inputs to its outputs.")
-    inputs = inputs[0] if len(inputs) == 1 else inputs
+    outputs = graph.outputs[0] if len(graph.outputs) == 1 else graph.outputs
+    inputs = graph.inputs[0] if len(graph.inputs) == 1 else graph.inputs
     return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
 
 
@@ -246,13 +246,38 @@ def copy_model(model, edit_config, weights=None):
     return copy
 
 
+def _policy_names(config):
+    """The names of every dtype policy in a model's config tree."""
+    if isinstance(config, dict):
+        own = [config["config"]["name"]] if config.get("class_name") == "DTypePolicy" else []
+        return own + [n for v in config.values() for n in _policy_names(v)]
+    if isinstance(config, list):
+        return [n for v in config for n in _policy_names(v)]
+    return []
+
+
+def float32_copy(model):
+    """A float32 copy of a model trained in mixed precision (TFLite cannot convert bf16).
+
+    A model that is float32 throughout is returned as it is.
+    """
+    if all(name == "float32" for name in _policy_names(model.get_config())):
+        return model
+
+    def as_float32(config):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return config
+
+    return copy_model(model, as_float32, [np.asarray(w, "float32") for w in model.get_weights()])
+
+
 def fold_weight_standardization(model):
     """Returns a copy of `model` whose ResNet kernels are standardised once, now.
 
     The hybrid's convolutions standardise their kernels on every call; the
     copy stores the standardised kernels instead (`prestandardized=True`), so
-    inference skips that work (about 3 % of a batch-1 R50+ViT-B/16 pass on a
-    2-core CPU, nothing measurable at batch 8: `benchmarks/RESULTS.md`).
+    inference skips that work (`benchmarks/RESULTS.md` has what it saves).
     Outputs are the same within float32
     rounding. For inference and export; train the original, since training
     the copy would update the standardised kernels directly. A model without
@@ -270,18 +295,26 @@ def fold_weight_standardization(model):
     >>> bool(np.abs(features).max() > 0.1 and np.allclose(features, fast(x), atol=1e-5))
     True
     """
-    convs = [layer for layer in model._flatten_layers() if isinstance(layer, StdConv2D)]
-    if not convs or all(layer.prestandardized for layer in convs):
+    resnet = _resnet(model)
+    if resnet is None or resnet.prestandardized:
         return model
 
     def prestandardize(config):
-        if config.get("class_name") in ("Embeddings", "ResNet", "ResNetUnit", "StdConv2D"):
+        if config.get("class_name") in ("Embeddings", "ResNet", "ResNetStage", "ResNetUnit", "StdConv2D"):
             return {**config, "config": {**config["config"], "prestandardized": True}}
         return config
 
     copy = copy_model(model, prestandardize)
-    for layer in copy._flatten_layers():
-        if isinstance(layer, StdConv2D):
-            kernel = np.asarray(layer.kernel, "float32")
-            layer.kernel.assign(np.asarray(standardize_kernel(kernel), layer.kernel.dtype))
+    for conv in _resnet(copy).convs():
+        kernel = np.asarray(conv.kernel, "float32")
+        conv.kernel.assign(np.asarray(standardize_kernel(kernel), conv.kernel.dtype))
     return copy
+
+
+def _resnet(model):
+    """The hybrid's `ResNet` layer, or None."""
+    try:
+        embeddings = model.get_layer("embeddings")
+    except ValueError:
+        return None
+    return embeddings.resnet if getattr(embeddings, "resnet_layers", None) is not None else None

@@ -1,48 +1,99 @@
-"""Model configurations and the published checkpoints, as flat tables."""
+"""Model configurations and the published checkpoints, as flat tables.
+
+`CONFIGS` maps a builder name to its `ViTConfig` (the original architecture);
+`PRESETS` lists the published checkpoints (`Preset`: model, weights name,
+URL, resolution, head classes, mean/std, sha256, licence).
+"""
 
 import dataclasses
 import numbers
 
 
-def _vit(patch, layers, width, heads, mlp, dropout, classifier="token", **extra):
-    return dict(patch_size=patch, num_layers=layers, hidden_size=width, num_heads=heads,
-                mlp_dim=mlp, dropout=dropout, classifier=classifier, **extra)
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """An architecture: the fields of the original config (vit_jax/configs/models.py).
+
+    Every field is an argument of `vit_keras.build_model`; `create` builds
+    from it. For the hybrids `patch_size` counts on the ResNet's feature map.
+
+    Args:
+        name: str. Builder name, e.g. "vit_r50_b16".
+        title: str. The original's name, e.g. "R50+ViT-B/16".
+        patch_size: int. Patch size (on the ResNet's feature map for hybrids).
+        num_layers: int. Transformer blocks.
+        hidden_size: int. Token width.
+        num_heads: int. Attention heads.
+        mlp_dim: int. MLP hidden width.
+        dropout: float. Dropout rate of the original fine-tuning config.
+            Defaults to 0.0.
+        attention_dropout: float. Dropout on attention weights (0.0 in every
+            original config). Defaults to 0.0.
+        classifier: str. "token", "gap", "unpooled" or "token_unpooled".
+            Defaults to "token".
+        representation_size: int or None. Width of the tanh `pre_logits`
+            layer (None: none; a loaded checkpoint's is kept with its head).
+            Defaults to None.
+        resnet_layers: tuple of int or None. Units per ResNet stage; `()` for
+            the root alone; None for no ResNet. Defaults to None.
+        resnet_width_factor: float. ResNet width multiplier. Defaults to 1.
+
+    Example:
+    >>> CONFIGS["vit_r50_b16"].resnet_layers
+    (3, 4, 9)
+    """
+
+    name: str
+    title: str
+    patch_size: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    classifier: str = "token"
+    representation_size: int = None
+    resnet_layers: tuple = None
+    resnet_width_factor: float = 1
+
+    def build_args(self):
+        """The `build_model` arguments of this architecture (all fields but name and title)."""
+        fields = dataclasses.asdict(self)
+        del fields["name"], fields["title"]
+        return fields
+
+
+def _vit(name, title, patch, layers, width, heads, mlp, dropout, **extra):
+    return name, ViTConfig(name, title, patch, layers, width, heads, mlp, dropout, **extra)
 
 
 # The original configs (vit_jax/configs/models.py), dropout included (attention dropout is
 # 0.0 in all of them). For the hybrids the patch size is counted on the ResNet's feature
 # map; the root alone (`resnet_layers=()`) has stride 4, so R+ViT-Ti/16 has stride 32.
-CONFIGS = {
-    "vit_ti16": _vit(16, 12, 192, 3, 768, 0.0),
-    "vit_s16": _vit(16, 12, 384, 6, 1536, 0.0),
-    "vit_s32": _vit(32, 12, 384, 6, 1536, 0.0),
-    "vit_b8": _vit(8, 12, 768, 12, 3072, 0.0),
-    "vit_b16": _vit(16, 12, 768, 12, 3072, 0.0),
-    "vit_b32": _vit(32, 12, 768, 12, 3072, 0.0),
-    "vit_l16": _vit(16, 24, 1024, 16, 4096, 0.1),
-    "vit_l32": _vit(32, 24, 1024, 16, 4096, 0.0),
-    "vit_h14": _vit(14, 32, 1280, 16, 5120, 0.1),
-    "vit_r_ti16": _vit(8, 12, 192, 3, 768, 0.0, resnet_layers=()),
-    "vit_r26_s32": _vit(1, 12, 384, 6, 1536, 0.0, resnet_layers=(2, 2, 2, 2)),
-    "vit_r26_b32": _vit(1, 12, 768, 12, 3072, 0.0, resnet_layers=(2, 2, 2, 2)),
-    "vit_r50_b16": _vit(1, 12, 768, 12, 3072, 0.1, resnet_layers=(3, 4, 9)),
-    "vit_r50_l32": _vit(1, 24, 1024, 16, 4096, 0.1, resnet_layers=(3, 4, 6, 3)),
-}
-
-# The original's names, for tables and messages.
-TITLES = {
-    "vit_ti16": "ViT-Ti/16", "vit_s16": "ViT-S/16", "vit_s32": "ViT-S/32", "vit_b8": "ViT-B/8",
-    "vit_b16": "ViT-B/16", "vit_b32": "ViT-B/32", "vit_l16": "ViT-L/16", "vit_l32": "ViT-L/32",
-    "vit_h14": "ViT-H/14", "vit_r_ti16": "R+ViT-Ti/16", "vit_r26_s32": "R26+ViT-S/32",
-    "vit_r26_b32": "R26+ViT-B/32", "vit_r50_b16": "R50+ViT-B/16", "vit_r50_l32": "R50+ViT-L/32",
-}
+CONFIGS = dict([
+    _vit("vit_ti16", "ViT-Ti/16", 16, 12, 192, 3, 768, 0.0),
+    _vit("vit_s16", "ViT-S/16", 16, 12, 384, 6, 1536, 0.0),
+    _vit("vit_s32", "ViT-S/32", 32, 12, 384, 6, 1536, 0.0),
+    _vit("vit_b8", "ViT-B/8", 8, 12, 768, 12, 3072, 0.0),
+    _vit("vit_b16", "ViT-B/16", 16, 12, 768, 12, 3072, 0.0),
+    _vit("vit_b32", "ViT-B/32", 32, 12, 768, 12, 3072, 0.0),
+    _vit("vit_l16", "ViT-L/16", 16, 24, 1024, 16, 4096, 0.1),
+    _vit("vit_l32", "ViT-L/32", 32, 24, 1024, 16, 4096, 0.0),
+    _vit("vit_h14", "ViT-H/14", 14, 32, 1280, 16, 5120, 0.1),
+    _vit("vit_r_ti16", "R+ViT-Ti/16", 8, 12, 192, 3, 768, 0.0, resnet_layers=()),
+    _vit("vit_r26_s32", "R26+ViT-S/32", 1, 12, 384, 6, 1536, 0.0, resnet_layers=(2, 2, 2, 2)),
+    _vit("vit_r26_b32", "R26+ViT-B/32", 1, 12, 768, 12, 3072, 0.0, resnet_layers=(2, 2, 2, 2)),
+    _vit("vit_r50_b16", "R50+ViT-B/16", 1, 12, 768, 12, 3072, 0.1, resnet_layers=(3, 4, 9)),
+    _vit("vit_r50_l32", "R50+ViT-L/32", 1, 24, 1024, 16, 4096, 0.1, resnet_layers=(3, 4, 6, 3)),
+])
 
 # Small configurations with no published weights, for laptops, demos and tests.
-SMALL_CONFIGS = {
+SMALL_CONFIGS = dict([
     # ResNet width 32, one unit per stage (stride 16), then a 2-layer ViT of width 64.
-    "vit_hybrid_tiny": _vit(1, 2, 64, 4, 128, 0.0, resnet_layers=(1, 1, 1), resnet_width_factor=0.5),
-    "vit_tiny16": _vit(16, 2, 64, 4, 128, 0.0),
-}
+    _vit("vit_hybrid_tiny", "R(tiny)+ViT", 1, 2, 64, 4, 128, 0.0, resnet_layers=(1, 1, 1),
+         resnet_width_factor=0.5),
+    _vit("vit_tiny16", "ViT-tiny/16", 16, 2, 64, 4, 128, 0.0),
+])
 
 
 ALL_CONFIGS = {**CONFIGS, **SMALL_CONFIGS}
@@ -52,12 +103,12 @@ ALL_CONFIGS = {**CONFIGS, **SMALL_CONFIGS}
 class Preset:
     """One published checkpoint: where it is and what it expects."""
 
-    model: str
-    weights: str
+    model: str  # a key of CONFIGS
+    weights: str  # one of WEIGHT_NAMES
     url: str
-    resolution: int
-    classes: int = 1000
-    mean: tuple = (0.5, 0.5, 0.5)
+    resolution: int  # the image size it was trained (or fine-tuned) at
+    classes: int = 1000  # outputs of its head
+    mean: tuple = (0.5, 0.5, 0.5)  # pixels / 255 are normalised as (x - mean) / std
     std: tuple = (0.5, 0.5, 0.5)
     sha256: str = None  # Google publishes none; verified after download when set
     license: str = "Apache-2.0"

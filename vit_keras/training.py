@@ -5,6 +5,7 @@
 """
 
 import collections
+import dataclasses
 import json
 import logging
 import numbers
@@ -26,6 +27,7 @@ from vit_keras.model import build_model
 logger = logging.getLogger("vit_keras")
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+OPTIMIZERS = ("sgd", "adamw")
 
 Result = collections.namedtuple("Result", ["metrics", "model"])
 
@@ -66,10 +68,11 @@ def make_optimizer(name, learning_rate, total_steps, warmup_steps, weight_decay=
         global_clipnorm=clipnorm,
         gradient_accumulation_steps=grad_accum if grad_accum > 1 else None,
     )
+    # distribute's optimizers clip the gradient summed over replicas (Keras clips each replica's part).
     if name == "sgd":
-        return keras.optimizers.SGD(momentum=0.9, weight_decay=weight_decay or None, **common)
+        return distribute.SGD(momentum=0.9, weight_decay=weight_decay or None, **common)
     if name == "adamw":
-        return keras.optimizers.AdamW(weight_decay=weight_decay or 1e-4, **common)
+        return distribute.AdamW(weight_decay=weight_decay or 1e-4, **common)
     raise ValueError(f"Unknown optimizer {name!r}: use 'sgd' or 'adamw'.")
 
 
@@ -251,7 +254,7 @@ def _finished_run(out_dir):
 
 
 def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
-    """A builder or small-config name, a `.keras` file, or a dict of `build_model` arguments."""
+    """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
         model = keras.saving.load_model(spec)
         if model.output_shape[-1] != num_classes:
@@ -259,57 +262,70 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
                 f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
             )
         return model
-    if isinstance(spec, str):
-        config = presets.ALL_CONFIGS.get(spec)
-        if config is None:
-            known = ", ".join(sorted(presets.ALL_CONFIGS))
-            raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
-        config = dict(config, name=spec.replace("_", "-"))
-        if weights in presets.WEIGHT_NAMES:
-            from vit_keras import checkpoint
+    from vit_keras import vit
 
-            weights = checkpoint.resolve(weights, model=spec, image_size=image_size)
-    else:
-        config = dict(spec)
-    config["image_size"] = image_size or config.get("image_size", 224)
-    config.update(classes=num_classes, class_names=class_names)
-    if dropout is not None:  # else the original config's (0.1 for R50+ViT-B/16, ...)
-        config["dropout"] = dropout
-    if weights:
-        config["weights"] = weights
-    return build_model(**config)
+    if isinstance(spec, dict):  # build_model arguments
+        config = dict(spec, classes=num_classes, class_names=class_names,
+                      image_size=image_size or spec.get("image_size", 224),
+                      dropout=spec.get("dropout", 0.1) if dropout is None else dropout)
+        return build_model(**config, **({"weights": weights} if weights else {}))
+    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS:
+        known = ", ".join(sorted(presets.ALL_CONFIGS))
+        raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
+    # image_size None: the published checkpoint's resolution, else 224 (as `create`).
+    return vit.create(spec, weights=weights, classes=num_classes, image_size=image_size,
+                      class_names=class_names, dropout=dropout)
 
 
-def train(
-    model="vit_r50_b16",
-    dataset="digits",
-    out="runs/train",
-    epochs=10,
-    batch_size=64,
-    image_size=None,
-    weights=None,
-    data_dir=None,
-    download=False,
-    optimizer="sgd",
-    learning_rate=0.03,
-    weight_decay=0.0,
-    warmup_steps=None,
-    grad_accum=1,
-    clipnorm=1.0,
-    label_smoothing=0.0,
-    dropout=None,
-    randaugment=False,
-    mixup=False,
-    cutmix=False,
-    crop_area=None,
-    strategy=None,
-    precision="float32",
-    jit_compile=False,
-    seed=0,
-    backup_every=None,
-    overwrite=False,
-    verbose="auto",
-):
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run takes: the arguments of `train` and of `vit-keras train`.
+
+    `vit-keras train --flag` sets the field of the same name (`--lr` sets
+    `learning_rate`). See `train` for what each field means.
+
+    Example:
+    >>> config = TrainConfig(model="vit_hybrid_tiny", image_size=64, epochs=2)
+    >>> dataclasses.replace(config, epochs=3).epochs
+    3
+    """
+
+    model: object = "vit_r50_b16"
+    dataset: str = "digits"
+    out: str = "runs/train"
+    epochs: int = 10
+    batch_size: int = 64
+    image_size: object = None
+    weights: str = None
+    data_dir: str = None
+    download: bool = False
+    optimizer: str = "sgd"
+    learning_rate: float = 0.03
+    weight_decay: float = 0.0
+    warmup_steps: int = None
+    grad_accum: int = 1
+    clipnorm: float = 1.0
+    label_smoothing: float = 0.0
+    dropout: float = None
+    randaugment: bool = False
+    mixup: bool = False
+    cutmix: bool = False
+    crop_area: tuple = None
+    strategy: str = None
+    precision: str = "float32"
+    jit_compile: bool = False
+    seed: int = 0
+    backup_every: int = None
+    overwrite: bool = False
+    verbose: object = "auto"
+
+
+# `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
+DEMO = TrainConfig(model="vit_hybrid_tiny", dataset="digits", image_size=64, epochs=60, batch_size=32,
+                   learning_rate=0.1, backup_every=20, out="runs/demo")
+
+
+def train(config=None, **overrides):
     """Trains or fine-tunes a model with `model.fit` and writes everything to `out`.
 
     Runs on the Keras backend of the process (`KERAS_BACKEND`): TensorFlow
@@ -322,7 +338,10 @@ def train(
     (`backup/`, every `backup_every` steps) when started again with the same
     `out`, and finishes with the same number of steps.
 
-    Args:
+    Takes a `TrainConfig` and/or its fields as keywords (keywords win):
+    `train(model="vit_r50_b16", dataset="cifar10", ...)`.
+
+    Fields:
         model: str or dict. A builder name (`vit_r50_b16`), a small config
             (`vit_hybrid_tiny`), a `.keras` file, or `build_model` arguments.
         dataset: str. `digits`, a folder of class folders, or a TFDS name.
@@ -357,6 +376,15 @@ def train(
         `Result(metrics, model)`: the metrics dict that is also written to
         `out/metrics.json`, and the trained model.
     """
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    return _run(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+
+
+def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_dir, download, optimizer,
+         learning_rate, weight_decay, warmup_steps, grad_accum, clipnorm, label_smoothing, dropout,
+         randaugment, mixup, cutmix, crop_area, strategy, precision, jit_compile, seed, backup_every,
+         overwrite, verbose):
+    """One run of `train`, from the fields of its `TrainConfig`."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; use one of {PRECISIONS}.")
     _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, warmup_steps,

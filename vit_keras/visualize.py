@@ -6,11 +6,14 @@ renormalise the rows, and multiply the blocks' matrices from first to last;
 the class token's row over the patch grid is the map.
 """
 
+import collections
+import os
+
 import numpy as np
 from keras import ops
 
 from vit_keras.model import attention_model
-from vit_keras.vit import preprocess_inputs
+from vit_keras.preprocessing import MAX_PIXELS, preprocess_inputs
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -124,3 +127,89 @@ def save_overlay(image, heatmap, path, predictions=None, title=None):
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def read_image(path, max_pixels=MAX_PIXELS):
+    """An image file -> uint8 pixels `[H, W, 3]` (first frame); one-line ValueError naming the path.
+
+    Refused: what is not a readable local file, a folder, what Pillow cannot
+    decode, and images whose header announces more than `max_pixels` pixels
+    (checked before decoding).
+    """
+    import PIL.Image
+
+    path = os.fspath(path)
+    if "://" in path:
+        raise ValueError(f"{path}: cannot read the image: not a local file (download it first).")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not an image file.")
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(f"{path}: image exceeds the limit of {max_pixels} pixels ({width}x{height}).")
+            return np.asarray(image.convert("RGB"))
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"{path}: undecodable image (not a format Pillow reads).") from None
+    except (OSError, PIL.Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read the image: {e.strerror or e}") from None
+
+
+def attention_targets(images, out):
+    """One PNG path per input: `<stem>_attention.png`, numbered (`<stem>_2_attention.png`, ...)
+    where inputs share a file name, and never the path of an input."""
+    inputs = {os.path.realpath(p) for p in images if "://" not in p}
+    used, targets = set(), []
+    for path in images:
+        stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "image"
+        target, i = os.path.join(out, f"{stem}_attention.png"), 2
+        while target in used or os.path.realpath(target) in inputs:
+            target, i = os.path.join(out, f"{stem}_{i}_attention.png"), i + 1
+        used.add(target)
+        targets.append(target)
+    return targets
+
+
+AttentionFile = collections.namedtuple("AttentionFile", ["image", "png", "top", "numbered"])
+
+
+def attention_files(model, images, out, head_fusion="mean", discard_ratio=0.0, top=3):
+    """Writes one PNG per image file: the image, its rollout heat map, the top predictions.
+
+    Runs on any Keras backend (Pillow decodes). Inputs with the same file name
+    get numbered PNGs. A missing, unreadable or undecodable image, a model
+    that cannot be loaded, or an `out` that is a file or cannot be written is
+    a ValueError naming the path; images are checked before anything is written.
+
+    Args:
+        model: keras.Model or str. A model of this package, or a `.keras` file.
+        images: list of str. Image files (JPEG, PNG, GIF, BMP, ...).
+        out: str. Folder for the PNGs (created).
+        head_fusion, discard_ratio: see `rollout`.
+        top: int. Predictions shown and returned. Defaults to 3.
+
+    Returns:
+        One `AttentionFile(image, png, top, numbered)` per image: `top` is a
+        list of `(label, probability)`; `numbered` says the PNG got a number.
+    """
+    from vit_keras import files, predict
+    from vit_keras.data import resize
+
+    model = files.load_keras(model)
+    height, width = model.input_shape[1:3]
+    pixels = np.stack([resize(read_image(path), (height, width)) for path in images])
+    files.output_folder(out)
+    attn = attention_model(model)  # one forward pass gives logits and weights
+    names = predict.label_names(model)
+    written = []
+    for path, target, image in zip(images, attention_targets(images, out), pixels):
+        outputs, weights = attn(preprocess_inputs(image[None]), training=False)
+        heat = heatmap_from_weights(model, weights, head_fusion, discard_ratio)[0]
+        best = predict.top_k(ops.convert_to_numpy(predict.as_probabilities(model, outputs)), names, top)[0]
+        try:
+            save_overlay(np.clip(image, 0, 255).astype("uint8"), heat, target, predictions=best)
+        except OSError as e:
+            raise ValueError(f"cannot write {target}: {e.strerror or e}") from None
+        stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "image"
+        written.append(AttentionFile(path, target, best, os.path.basename(target) != f"{stem}_attention.png"))
+    return written

@@ -1,124 +1,189 @@
-"""Model entry points, with the arguments of the existing `vit-keras` package."""
+"""Name -> config -> model: `create`, and the model entry points with the arguments of the older `vit-keras`."""
 
-import keras
-import numpy as np
+import dataclasses
 
 from vit_keras import checkpoint, presets
 from vit_keras.model import build_model
+from vit_keras.preprocessing import preprocess_inputs  # noqa: F401 (part of this module's API)
 from vit_keras.utils import get_imagenet_classes
-
-
-def preprocess_inputs(X):
-    """Maps pixels in 0..255 to [-1, 1], as the original: `X / 127.5 - 1`.
-
-    Args:
-        X: array or tensor of pixels in 0..255, any shape.
-
-    Example:
-    >>> preprocess_inputs(np.array([0.0, 127.5, 255.0]))
-    array([-1.,  0.,  1.], dtype=float32)
-    """
-    if isinstance(X, (np.ndarray, list, tuple, int, float)):
-        return np.asarray(X, dtype="float32") / 127.5 - 1
-    return keras.ops.cast(X, "float32") / 127.5 - 1.0
-
-
-_DOC = """Builds {title}.
-
-    Args:
-        image_size: int or (height, width). Input resolution. Defaults to 224.
-        classes: int or None. Outputs of the head; None takes the
-            checkpoint's (21843 for the ImageNet-21k files). Defaults to 1000.
-        activation: str. Activation of the head. Defaults to "linear".
-        include_top: bool. False outputs the pooled representation.
-            Defaults to True.
-        pretrained: bool or None. Load `weights`; None loads them when there
-            are any ({pretrained} by default). Defaults to None.
-        pretrained_top: bool. Load the checkpoint's head when its shape fits
-            (else it is re-initialised, with a log line). Defaults to True.
-        weights: str. {names}, or a local path or URL of an original `.npz`
-            checkpoint. Where a name was published at several resolutions,
-            the file of `image_size` is taken, else the first. Defaults to
-            {weights!r}.
-        dropout: float or None. Dropout; None takes the original config's
-            ({dropout}). Defaults to None.
-        attention_dropout: float or None. Dropout on attention weights; None
-            takes the original config's (0.0). Defaults to None.
-        classifier: str or None. "token", "gap", "unpooled" or
-            "token_unpooled" (see `build_model`); None takes the original
-            config's ("token"). Defaults to None.
-        keep_pre_logits: bool or None. Keep a checkpoint's `pre_logits` layer
-            when the head is new (see `build_model`). Defaults to None.
-
-    Example:
-    >>> model = {name}(image_size=224, classes=10, pretrained=False)
-    """
-
-
-def _entry(model_name):
-    config = presets.CONFIGS[model_name]
-    default = presets.default_weights(model_name)
-
-    def builder(
-        image_size=224,
-        classes=1000,
-        activation="linear",
-        include_top=True,
-        pretrained=None,
-        pretrained_top=True,
-        weights=default,
-        dropout=None,
-        attention_dropout=None,
-        classifier=None,
-        keep_pre_logits=None,
-    ):
-        if pretrained is None:  # load what there is: the default checkpoint, or the given weights
-            pretrained = weights is not None
-        if pretrained and weights is None:
-            raise ValueError(f"{model_name} has no published weights: pass pretrained=False or a path/URL.")
-        path = checkpoint.resolve(weights, model=model_name, image_size=image_size) if pretrained else None
-        imagenet_top = pretrained and pretrained_top and include_top and classes in (1000, None)
-        names = get_imagenet_classes() if imagenet_top and weights in IMAGENET_1K else None
-        return build_model(
-            **dict(config, dropout=config["dropout"] if dropout is None else dropout,
-                   classifier=classifier or config["classifier"]),
-            attention_dropout=attention_dropout or 0.0,
-            image_size=image_size,
-            classes=classes,
-            activation=activation,
-            include_top=include_top,
-            name=model_name.replace("_", "-"),
-            weights=path,
-            pretrained_top=pretrained_top,
-            keep_pre_logits=keep_pre_logits,
-            class_names=names,
-        )
-
-    have = sorted({p.weights for p in presets.PRESETS if p.model == model_name})
-    builder.__name__ = builder.__qualname__ = model_name
-    builder.__doc__ = _DOC.format(
-        title=presets.TITLES[model_name], name=model_name, weights=default, pretrained=default is not None,
-        names=", ".join(repr(w) for w in have) if have else "No published weights", dropout=config["dropout"],
-    )
-    return builder
-
 
 # The checkpoints whose 1000-class head is ImageNet-1k's.
 IMAGENET_1K = (presets.I1K, presets.AUGREG_I1K)
 
-vit_ti16 = _entry("vit_ti16")
-vit_s16 = _entry("vit_s16")
-vit_s32 = _entry("vit_s32")
-vit_b8 = _entry("vit_b8")
-vit_b16 = _entry("vit_b16")
-vit_b32 = _entry("vit_b32")
-vit_l16 = _entry("vit_l16")
-vit_l32 = _entry("vit_l32")
-vit_h14 = _entry("vit_h14")
-vit_r_ti16 = _entry("vit_r_ti16")
-vit_r26_s32 = _entry("vit_r26_s32")
-vit_r26_b32 = _entry("vit_r26_b32")
-vit_r50_b16 = _entry("vit_r50_b16")
-vit_r50_l32 = _entry("vit_r50_l32")
+
+def get_config(name_or_config):
+    """The `ViTConfig` of a builder or small-config name (or the config itself)."""
+    if isinstance(name_or_config, presets.ViTConfig):
+        return name_or_config
+    config = presets.ALL_CONFIGS.get(name_or_config)
+    if config is None:
+        raise ValueError(f"Unknown model {name_or_config!r}; known: {', '.join(presets.ALL_CONFIGS)}.")
+    return config
+
+
+def create(
+    name_or_config,
+    weights=None,
+    classes=1000,
+    image_size=None,
+    *,
+    pretrained=None,
+    pretrained_top=True,
+    include_top=True,
+    activation="linear",
+    dropout=None,
+    attention_dropout=None,
+    classifier=None,
+    keep_pre_logits=None,
+    checkpoint_grid=None,
+    class_names=None,
+    name=None,
+):
+    """Builds a model from a name or a `ViTConfig`, with weights resolved and read once.
+
+    The one path from a name to a model: the `vit_*` builders, `vit-keras
+    train` and `vit-keras evaluate` all come here.
+
+    Args:
+        name_or_config: str or ViTConfig. A builder name ("vit_r50_b16"), a
+            small config ("vit_hybrid_tiny"), or a config.
+        weights: str or None. A published name ("imagenet21k",
+            "imagenet21k+imagenet2012", "augreg_in21k",
+            "augreg_in21k_ft_in1k"), or a path or URL of an original `.npz`.
+            Defaults to None (random initialisation).
+        classes: int or None. Outputs of the head; None takes the
+            checkpoint's. Defaults to 1000.
+        image_size: int, (height, width) or None. Input resolution; None takes
+            the published checkpoint's resolution, else 224. Defaults to None.
+        pretrained: bool or None. Whether to load `weights`; None loads them
+            when given. Defaults to None.
+        pretrained_top: bool. Load the checkpoint's head when its shape fits
+            (else it is re-initialised, with a log line). Defaults to True.
+        include_top: bool. False outputs the pooled representation.
+            Defaults to True.
+        activation: str. Activation of the head. Defaults to "linear".
+        dropout: float or None. None takes the config's. Defaults to None.
+        attention_dropout: float or None. None takes the config's.
+            Defaults to None.
+        classifier: str or None. None takes the config's (see `build_model`).
+            Defaults to None.
+        keep_pre_logits: bool or None. See `build_model`. Defaults to None.
+        checkpoint_grid: (rows, cols) or None. See `build_model`.
+            Defaults to None.
+        class_names: list of str or None. Names kept in the head; None takes
+            ImageNet-1k's for a published ImageNet-1k head. Defaults to None.
+        name: str or None. Model name; None takes the config's name with
+            dashes. Defaults to None.
+
+    Example:
+    >>> model = create("vit_hybrid_tiny", classes=10, image_size=64)
+    >>> model.name, model.output_shape
+    ('vit-hybrid-tiny', (None, 10))
+    """
+    config = get_config(name_or_config)
+    if pretrained is None:  # load what there is
+        pretrained = weights is not None
+    if pretrained and weights is None:
+        raise ValueError(f"{config.name} has no published weights: pass pretrained=False or a path/URL.")
+    published = pretrained and weights in presets.WEIGHT_NAMES
+    if image_size is None:
+        image_size = presets.find_preset(config.name, weights).resolution if published else 224
+    params = None
+    if pretrained:
+        path = checkpoint.resolve(weights, model=config.name, image_size=image_size)
+        params = checkpoint.Checkpoint(path, checkpoint.read(path))
+    if class_names is None and published and weights in IMAGENET_1K and pretrained_top and include_top \
+            and classes in (1000, None):
+        class_names = get_imagenet_classes()
+    overrides = {k: v for k, v in dict(dropout=dropout, attention_dropout=attention_dropout,
+                                       classifier=classifier).items() if v is not None}
+    return build_model(
+        **dataclasses.replace(config, **overrides).build_args(),
+        image_size=image_size,
+        classes=classes,
+        activation=activation,
+        include_top=include_top,
+        name=name or config.name.replace("_", "-"),
+        weights=params,
+        pretrained_top=pretrained_top,
+        keep_pre_logits=keep_pre_logits,
+        checkpoint_grid=checkpoint_grid,
+        class_names=class_names,
+    )
+
+
+# The builders: `create` with a name, and the defaults of the older vit-keras (224 px, 1000 classes,
+# the ImageNet-1k file). Other arguments (activation, include_top, pretrained, ...) are `create`'s.
+
+
+def vit_ti16(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """ViT-Ti/16 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_ti16", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_s16(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """ViT-S/16 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_s16", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_s32(image_size=224, classes=1000, *, weights="augreg_in21k_ft_in1k", **kwargs):
+    """ViT-S/32 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_s32", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_b8(image_size=224, classes=1000, *, weights="augreg_in21k_ft_in1k", **kwargs):
+    """ViT-B/8 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_b8", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_b16(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """ViT-B/16 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_b16", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_b32(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """ViT-B/32 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_b32", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_l16(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """ViT-L/16 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_l16", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_l32(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """ViT-L/32 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_l32", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_h14(image_size=224, classes=1000, *, weights="imagenet21k", **kwargs):
+    """ViT-H/14 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_h14", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_r_ti16(image_size=224, classes=1000, *, weights="augreg_in21k_ft_in1k", **kwargs):
+    """R+ViT-Ti/16 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_r_ti16", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_r26_s32(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """R26+ViT-S/32 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_r26_s32", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_r26_b32(image_size=224, classes=1000, *, weights=None, **kwargs):
+    """R26+ViT-B/32 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_r26_b32", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_r50_b16(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """R50+ViT-B/16 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_r50_b16", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
+
+def vit_r50_l32(image_size=224, classes=1000, *, weights="imagenet21k+imagenet2012", **kwargs):
+    """R50+ViT-L/32 through `create` (its published weights: `presets.PRESETS`, the README\'s table)."""
+    return create("vit_r50_l32", weights=weights, classes=classes, image_size=image_size, **kwargs)
+
 
 BUILDERS = {name: globals()[name] for name in presets.CONFIGS}

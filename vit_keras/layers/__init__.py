@@ -12,7 +12,7 @@ from vit_keras.layers.group_norm import GroupNorm
 from vit_keras.layers.head import ClassifierHead
 from vit_keras.layers.mlp import Mlp
 from vit_keras.layers.pooling import ExtractToken
-from vit_keras.layers.resnet import ResNet, ResNetUnit
+from vit_keras.layers.resnet import ResNet, ResNetStage, ResNetUnit
 from vit_keras.layers.std_conv import StdConv2D
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "GroupNorm",
     "Mlp",
     "ResNet",
+    "ResNetStage",
     "ResNetUnit",
     "StdConv2D",
 ]

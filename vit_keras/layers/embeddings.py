@@ -117,11 +117,18 @@ class Embeddings(keras.layers.Layer):
         return self.embedding(x)
 
     def call(self, images, training=None):
-        x = self.patch_grid(images)
-        batch = ops.shape(x)[0]
-        x = ops.reshape(x, (batch, -1, self.hidden_size))
+        return self.tokens(self.patch_grid(images), training=training)
+
+    def tokens(self, grid, training=None):
+        """Patch-embedding grid `[batch, rows, cols, hidden]` -> tokens: class token, positions, dropout.
+
+        Written with no batch size, so that it also runs on symbolic inputs
+        (`vit_keras.features_model` calls it in a functional graph).
+        """
+        rows, cols = grid.shape[1:3]
+        x = ops.reshape(grid, (-1, rows * cols, self.hidden_size))
         if self.class_token:
-            cls = ops.broadcast_to(ops.cast(self.cls, x.dtype), (batch, 1, self.hidden_size))
+            cls = ops.zeros_like(x[:, :1]) + ops.cast(self.cls, x.dtype)  # one per image
             x = ops.concatenate([cls, x], axis=1)
         x = x + ops.cast(self.pos_embedding, x.dtype)
         return self.dropout_layer(x, training=training)

@@ -12,9 +12,8 @@ class GroupNorm(keras.layers.Layer):
     the statistics are taken per channel over (H, W) first and then averaged
     within each group, with the mean subtracted before the variance (two
     passes); normalisation, scale and shift fold into one multiply-add over
-    the map. On a 2-core CPU this is about 1.8x faster for ResNet-sized maps,
-    where reducing over the non-adjacent axes of a `[B, H, W, G, C/G]` view is
-    slow. Statistics are computed in float32 under mixed precision.
+    the map. Reducing over the non-adjacent axes of a `[B, H, W, G, C/G]` view
+    is slow on ResNet-sized maps (`benchmarks/group_norm.py`). Statistics are computed in float32 under mixed precision.
 
     Args:
         groups: int. Number of groups; must divide the channels. Defaults to 32.

@@ -11,8 +11,8 @@ class Mlp(keras.layers.Layer):
     The Dense layers run on the tokens flattened to `[batch * tokens, D]`: a
     plain 2-D matmul, which TensorFlow's oneDNN graph rewrite fuses with the
     bias add and the GELU into one op (a 3-D input goes through `tensordot`,
-    whose reshape sits between them). About 6 % faster per block at batch 8
-    on a 2-core CPU.
+    whose reshape sits between them); `benchmarks/RESULTS.md` has the
+    before and after.
 
     Args:
         mlp_dim: int. Width of the hidden layer.

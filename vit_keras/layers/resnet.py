@@ -22,7 +22,7 @@ def resnet_stride(block_units):
 def resnet_channels(block_units, width_factor):
     """Output channels: the root's width, or 4x the last stage's bottleneck width."""
     width = int(64 * width_factor)
-    return width if not block_units else width * 2 ** (len(block_units) - 1) * 4
+    return width if not block_units else 4 * stage_width(len(block_units), width)
 
 
 def _std_conv(filters, kernel_size, strides, name, prestandardized):
@@ -92,6 +92,10 @@ class ResNetUnit(keras.layers.Layer):
         self.gn3.build(self.conv3.compute_output_shape(shape))
         self.built = True
 
+    def convs(self):
+        """The unit's `StdConv2D`s (the projection's last, when there is one)."""
+        return [self.conv1, self.conv2, self.conv3] + ([self.conv_proj] if self.needs_projection else [])
+
     def call(self, inputs):
         shortcut = inputs
         if self.needs_projection:
@@ -103,10 +107,7 @@ class ResNetUnit(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape
-        s = self.strides
-        h = None if h is None else -(-h // s)
-        w = None if w is None else -(-w // s)
-        return (b, h, w, 4 * self.filters)
+        return (b, _halved(h, self.strides), _halved(w, self.strides), 4 * self.filters)
 
     def get_config(self):
         config = super().get_config()
@@ -116,16 +117,88 @@ class ResNetUnit(keras.layers.Layer):
         return config
 
 
+def _halved(size, stride):
+    """A spatial size after SAME padding with `stride` (None stays None)."""
+    return None if size is None else -(-size // stride)
+
+
+def stage_width(stage, width):
+    """Bottleneck width of stage `stage` (1-based): the base width, doubled per stage."""
+    return width * 2 ** (stage - 1)
+
+
+def stage_stride(stage):
+    """Stride of a stage's first unit: 1 in the first stage, 2 in the later ones."""
+    return 1 if stage == 1 else 2
+
+
+@keras.saving.register_keras_serializable(package="vit_keras")
+class ResNetStage(keras.layers.Layer):
+    """One ResNet stage: `units` bottleneck units, named `unit1`..`unitN`.
+
+    The first unit carries the stride (and projects the shortcut); the others
+    keep the shape. The original checkpoint's `block{s}/unit{u}` is this
+    layer (named `block{s}`) and its `unit{u}`.
+
+    Args:
+        units: int. Number of bottleneck units.
+        filters: int. Bottleneck width; output channels are `4 * filters`.
+        strides: int. Stride of the first unit. Defaults to 1.
+        prestandardized: bool. The convs' stored kernels are already
+            standardised (see `StdConv2D`). Defaults to False.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Example:
+    >>> stage = ResNetStage(units=2, filters=32, strides=2, name="block2")
+    >>> tuple(stage(keras.ops.ones((1, 16, 16, 64))).shape), stage.units[1].name
+    ((1, 8, 8, 128), 'unit2')
+    """
+
+    def __init__(self, units, filters, strides=1, prestandardized=False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_units = units
+        self.filters = filters
+        self.strides = strides
+        self.prestandardized = prestandardized
+
+    def build(self, input_shape):
+        shape = input_shape
+        self.units = []
+        for u in range(1, self.num_units + 1):
+            unit = ResNetUnit(self.filters, self.strides if u == 1 else 1, self.prestandardized, name=f"unit{u}")
+            unit.build(shape)
+            shape = unit.compute_output_shape(shape)
+            self.units.append(unit)
+        self.built = True
+
+    def call(self, inputs):
+        x = inputs
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        return (b, _halved(h, self.strides), _halved(w, self.strides), 4 * self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"units": self.num_units, "filters": self.filters, "strides": self.strides,
+                       "prestandardized": self.prestandardized})
+        return config
+
+
 @keras.saving.register_keras_serializable(package="vit_keras")
 class ResNet(keras.layers.Layer):
     """The ResNet stem of the hybrid ViT: root block and bottleneck stages.
 
-    `conv_root` (7x7/2) -> `gn_root` -> relu -> 3x3/2 max-pool, then one stage
-    per entry of `block_units`; stage s (1-based) has width `64 * w * 2**(s-1)`
-    and stride 1 for the first stage, 2 for the later ones. SAME padding
-    everywhere. Units are named `block{s}_unit{u}` (the original's
-    `block{s}/unit{u}`). Total stride: `4 * 2**(len(block_units) - 1)`, and
-    4 for the root alone (`block_units=()`, as R+ViT-Ti/16).
+    `conv_root` (7x7/2) -> `gn_root` -> relu -> 3x3/2 max-pool, then one
+    `ResNetStage` per entry of `block_units`, named `block1`, `block2`, ...
+    (the original checkpoint's tree: `block{s}/unit{u}/conv1` is
+    `resnet.stages[s-1].units[u-1].conv1`). Stage s (1-based) has width
+    `64 * w * 2**(s-1)` and stride 1 for the first stage, 2 for the later
+    ones. SAME padding everywhere. Total stride: `4 * 2**(len(block_units) - 1)`,
+    and 4 for the root alone (`block_units=()`, as R+ViT-Ti/16).
 
     Args:
         block_units: tuple of int. Units per stage, e.g. `(3, 4, 9)` for R50;
@@ -139,6 +212,8 @@ class ResNet(keras.layers.Layer):
     >>> resnet = ResNet(block_units=(1, 1), width_factor=0.5)
     >>> tuple(resnet(keras.ops.ones((1, 32, 32, 3))).shape)
     (1, 4, 4, 256)
+    >>> [stage.name for stage in resnet.stages]
+    ['block1', 'block2']
     """
 
     def __init__(self, block_units, width_factor=1, prestandardized=False, **kwargs):
@@ -155,51 +230,52 @@ class ResNet(keras.layers.Layer):
     def stride(self):
         return resnet_stride(self.block_units)
 
+    @property
+    def units(self):
+        """Every unit, stage by stage.
+
+        Also how `.keras` files saved before the stages existed still load:
+        they stored the units as this flat list, and Keras tries this path when
+        a unit is not found under `stages`.
+        """
+        return [unit for stage in self.stages for unit in stage.units]
+
     def build(self, input_shape):
         self.conv_root = _std_conv(self.width, 7, 2, "conv_root", self.prestandardized)
         self.conv_root.build(input_shape)
         shape = self.conv_root.compute_output_shape(input_shape)
         self.gn_root = _group_norm("gn_root")
         self.gn_root.build(shape)
-        shape = self._pool_shape(shape)
-        self.units = []
+        b, h, w, c = shape
+        shape = (b, _halved(h, 2), _halved(w, 2), c)  # the max-pool
+        self.stages = []
         for s, count in enumerate(self.block_units, start=1):
-            for u in range(1, count + 1):
-                strides = 2 if (s > 1 and u == 1) else 1
-                unit = ResNetUnit(
-                    self.width * 2 ** (s - 1),
-                    strides,
-                    self.prestandardized,
-                    name=f"block{s}_unit{u}",
-                )
-                unit.build(shape)
-                shape = unit.compute_output_shape(shape)
-                self.units.append(unit)
+            stage = ResNetStage(count, stage_width(s, self.width), stage_stride(s), self.prestandardized,
+                                name=f"block{s}")
+            stage.build(shape)
+            shape = stage.compute_output_shape(shape)
+            self.stages.append(stage)
         self.built = True
 
-    @staticmethod
-    def _pool_shape(shape):
-        b, h, w, c = shape
-        return (b, None if h is None else -(-h // 2), None if w is None else -(-w // 2), c)
+    def convs(self):
+        """Every `StdConv2D` of the stem: the root's, then each unit's."""
+        return [self.conv_root] + [conv for unit in self.units for conv in unit.convs()]
 
-    def stem(self, inputs):
-        """Returns `(conv_root output, gn_root output, pooled output)`."""
-        x = self.conv_root(inputs)
-        g = self.gn_root(x)
-        return x, g, ops.max_pool(ops.relu(g), 3, strides=2, padding="same")
+    def root(self, inputs, pooled=True):
+        """The root block: relu(gn_root(conv_root(x))), then the 3x3/2 max-pool when `pooled`."""
+        x = ops.relu(self.gn_root(self.conv_root(inputs)))
+        return ops.max_pool(x, 3, strides=2, padding="same") if pooled else x
 
     def call(self, inputs):
-        x = self.stem(inputs)[-1]
-        for unit in self.units:
-            x = unit(x)
+        x = self.root(inputs)
+        for stage in self.stages:
+            x = stage(x)
         return x
 
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape
         s = self.stride
-        h = None if h is None else -(-h // s)
-        w = None if w is None else -(-w // s)
-        return (b, h, w, resnet_channels(self.block_units, self.width_factor))
+        return (b, _halved(h, s), _halved(w, s), resnet_channels(self.block_units, self.width_factor))
 
     def get_config(self):
         config = super().get_config()

@@ -1,0 +1,95 @@
+"""Serving: files that servers and phones run, with the preprocessing inside.
+
+- `images`: decoding encoded images in the graph, with header limits.
+- `saved_model`: the SavedModel for TF Serving (`export_saved_model`).
+- `warmup`: TF Serving's warm-up request file.
+- `tflite`: TFLite files for phones (`export_tflite`) and their parity table.
+- `onnx`: an ONNX file for ONNX Runtime (`export_onnx`).
+- `folders`: atomic export folders and what `overwrite` may replace.
+
+These modules need TensorFlow (the exports are TensorFlow graphs).
+"""
+
+import json
+import os
+
+# What `export` (and `vit-keras export --format`) writes.
+FORMATS = ("saved_model", "tflite", "onnx")
+TFLITE_VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
+
+
+def recorded_dataset(model_path):
+    """The dataset named in `metrics.json` beside a `.keras` file of a training run, or None."""
+    if not isinstance(model_path, (str, os.PathLike)):
+        return None
+    metrics = os.path.join(os.path.dirname(os.path.abspath(model_path)), "metrics.json")
+    if not os.path.exists(metrics):
+        return None
+    try:
+        with open(metrics) as f:
+            return json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{metrics}: unreadable ({str(e).splitlines()[0] if str(e) else e}); "
+                         "pass the dataset") from None
+
+
+def export(model, format, out, *, dataset=None, name=None, version=1, variants=None, overwrite=False,
+           calibration=200, parity=400, batch_size=None, strict_int8=False):
+    """Exports a model or `.keras` file as `format`; the one function behind `vit-keras export`.
+
+    - "saved_model": TF Serving's layout `out/<name>/<version>/`
+      (`saved_model.export_saved_model`).
+    - "tflite": `out/<variant>.tflite` (`tflite.export_tflite`), int8
+      calibrated on `calibration` training images of `dataset`, then the parity
+      table against Keras on `parity` held-out images, `batch_size` at a time.
+      `int8` runs its convolutions and dense layers in int8 and the rest in
+      float32 (faster than `dynamic_int8` on CPU); `strict_int8` quantises
+      every op (for integer-only accelerators; several times slower on CPU).
+    - "onnx": `out/model.onnx` (`onnx.export_onnx`).
+
+    `dataset` defaults to the one in `metrics.json` beside a `.keras` file.
+    `overwrite` replaces only an earlier export, never the folder that holds
+    the model. Errors a user can fix are ValueError or FileExistsError naming
+    the path.
+
+    Returns:
+        dict with `path` (what was written) and, for TFLite, `rows` (the
+        parity table, see `tflite.format_parity`) and `dataset`.
+    """
+    from vit_keras import data, files
+    from vit_keras.serving import folders, tflite
+
+    if format not in FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS}.")
+    if format == "saved_model":  # before the model is loaded
+        folders._check_name_and_version(name or "model", version)
+    keep = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
+    if format == "tflite":
+        dataset = dataset or recorded_dataset(model)
+    if format == "tflite" and dataset is None:
+        raise ValueError("TFLite export needs a dataset (--dataset) for calibration and the parity check.")
+    net = files.load_keras(model)
+    try:
+        if format == "saved_model":
+            from vit_keras.serving.saved_model import export_saved_model
+
+            return {"path": export_saved_model(net, out, name=name or net.name, version=version,
+                                               overwrite=overwrite, keep=keep)}
+        if format == "onnx":
+            from vit_keras.serving.onnx import export_onnx
+
+            return {"path": export_onnx(net, out, overwrite=overwrite, keep=keep)}
+        splits = data.load(dataset)
+        size = net.input_shape[1:3]
+        calib, _ = data.pixels(splits.train, size, calibration)
+        held_out, _ = data.pixels(splits.test, size, parity)
+        written = tflite.export_tflite(net, out, variants=variants or TFLITE_VARIANTS,
+                                       representative_images=calib, overwrite=overwrite, keep=keep,
+                                       int8_ops=None if strict_int8 else tflite.INT8_OPS)
+        del calib
+        rows = tflite.parity_table(net, written, held_out, batch_size=batch_size or tflite.BATCH_SIZE)
+        return {"path": out, "files": written, "rows": rows, "dataset": dataset, "count": len(held_out)}
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{e.filename or out}: {e.strerror or e}") from None

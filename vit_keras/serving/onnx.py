@@ -1,0 +1,228 @@
+"""An ONNX file for ONNX Runtime: pixels in, probabilities out (`export_onnx`, `onnx_predict`).
+
+The file has the core of the SavedModel's `predict_images` signature: input
+`images` float32 `[N, H, W, 3]` (pixels 0..255, any batch), output
+`probabilities` float32 `[N, C]`; `x / 127.5 - 1` and the softmax are inside.
+It is converted with tf2onnx, which is also what Keras's own
+`model.export(format="onnx")` calls on the TensorFlow backend; that exporter
+converts only the model's `call`, so the preprocessing and softmax would be
+left to clients. Needs the `onnx` extra: `pip install 'vit_keras[onnx]'`
+(tf2onnx, onnx, onnxruntime). The module imports without it.
+"""
+
+import contextlib
+import gc
+import json
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from vit_keras.model import float32_copy, fold_weight_standardization
+from vit_keras.predict import BATCH_SIZE, label_names, probabilities
+from vit_keras.serving.folders import _atomic_dir, _check_target
+
+ONNX_FILE = "model.onnx"
+# Weights of models whose float32 weights exceed this go into `model.onnx.data` beside the
+# graph (ONNX external data): one protobuf message cannot exceed 2 GiB (ViT-H/14: 2.5 GB).
+EXTERNAL_DATA_FILE = ONNX_FILE + ".data"
+EXTERNAL_DATA_BYTES = 3 * 2**29  # 1.5 GiB
+DEFAULT_OPSET = 17  # ONNX Runtime >= 1.12 runs it; tf2onnx 1.17 writes up to 18
+MIN_OPSET = 17
+INSTALL_HINT = "pip install 'vit_keras[onnx]'"
+
+
+def _import(*names):
+    """Imports the named modules, or raises an ImportError that names the `onnx` extra."""
+    import importlib
+
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError as e:
+            raise ImportError(f"ONNX export and inference need {name} ({e}); install them with "
+                              f"{INSTALL_HINT}", name=name) from e
+    return modules
+
+
+def max_opset():
+    """The newest ONNX opset the installed tf2onnx writes."""
+    _import("tf2onnx")
+    from tf2onnx import constants
+
+    return max(constants.OPSET_TO_IR_VERSION)
+
+
+def _check_opset(opset):
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+        raise ValueError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}.")
+    newest = max_opset()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be between {MIN_OPSET} and {newest} (the newest that the installed "
+                         f"tf2onnx writes), got {opset}.")
+
+
+@contextlib.contextmanager
+def _numpy2_compat():
+    """tf2onnx 1.17's external-data path calls `np.product`, which NumPy 2 removed."""
+    added = not hasattr(np, "product")
+    if added:
+        np.product = np.prod
+    try:
+        yield
+    finally:
+        if added:
+            del np.product
+
+
+@contextlib.contextmanager
+def _quiet_tf2onnx():
+    """tf2onnx logs each conversion step at INFO; keep its warnings and errors only."""
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _weight_bytes(model):
+    return 4 * sum(int(np.prod(w.shape)) for w in model.weights)
+
+
+def _convert(model, opset, external):
+    """tf2onnx conversion of pixels -> probabilities; returns (ModelProto, external tensor storage)."""
+    tf2onnx, _ = _import("tf2onnx", "onnx")
+    height, width = model.input_shape[1:3]
+    spec = [tf.TensorSpec([None, height, width, 3], tf.float32, name="images")]
+
+    @tf.function(input_signature=spec)
+    def predict_images(images):
+        return {"probabilities": probabilities(model, images)}
+
+    with _quiet_tf2onnx(), _numpy2_compat():
+        proto, storage = tf2onnx.convert.from_function(predict_images, input_signature=spec, opset=opset,
+                                                       large_model=external)
+    del predict_images
+    gc.collect()
+    return proto, storage
+
+
+def _describe(proto, names, height, width):
+    """Names the batch dimension, and records what the file expects and the class names."""
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "N"
+    from vit_keras import __version__
+
+    proto.doc_string = (f"vit_keras {__version__}: images float32 [N, {height}, {width}, 3], pixels 0..255 "
+                        f"-> probabilities float32 [N, {len(names)}] (x / 127.5 - 1 and softmax inside)")
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "class_names", json.dumps(names)
+
+
+def _write(proto, storage, path):
+    """Writes the ModelProto to `path`; tensors held in `storage` go to one external-data file beside it."""
+    if storage is not None and storage.name_to_tensor_data:
+        (onnx,) = _import("onnx")
+        from onnx import external_data_helper
+
+        data = os.path.join(os.path.dirname(path), EXTERNAL_DATA_FILE)
+        with open(data, "wb") as f:
+            for tensor in external_data_helper._get_all_tensors(proto):
+                if not external_data_helper.uses_external_data(tensor):
+                    continue
+                location = {e.key: e.value for e in tensor.external_data}["location"]
+                blob = storage.name_to_tensor_data.pop(location)
+                f.seek(-f.tell() % 4096, os.SEEK_CUR)  # page-aligned, so the runtime may map it
+                offset = f.tell()
+                f.write(blob)
+                del tensor.external_data[:]
+                for key, value in (("location", EXTERNAL_DATA_FILE), ("offset", offset), ("length", len(blob))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del blob
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+
+
+def _check_opset_written(proto, opset):
+    written = {o.domain: o.version for o in proto.opset_import}
+    if written.get("", written.get("ai.onnx")) != opset:
+        raise ValueError(f"tf2onnx wrote opsets {written}, not the requested {opset}.")
+
+
+def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite=False, keep=()):
+    """Writes `model.onnx` and `class_names.json` into the export folder `out_dir`, atomically.
+
+    The ONNX file (opset `opset`, at least 17) takes `images`, float32
+    `[N, H, W, 3]` pixels 0..255 with any N, and gives `probabilities`, float32
+    `[N, C]`: the core of the SavedModel's `predict_images`, with
+    `x / 127.5 - 1` and the softmax inside. It is converted from a float32
+    copy of the model with the hybrid's weight standardisation folded into its
+    kernels (`fold_weight_standardization`). Models with over 1.5 GiB of
+    weights (ViT-H/14) keep them in `model.onnx.data` beside the file (ONNX
+    external data; load the file from its folder). The file's metadata holds
+    the class names (`class_names`) too. tf2onnx holds several copies of the
+    weights while it converts (peak memory: `benchmarks/RESULTS.md`).
+
+    The folder appears only complete, with the manifest of every export;
+    `overwrite` replaces only an earlier export (see `_atomic_dir`), never a
+    folder holding a path in `keep`. Needs `pip install 'vit_keras[onnx]'`.
+
+    Returns:
+        The path of `model.onnx` in `out_dir`.
+    """
+    _, onnx = _import("tf2onnx", "onnx")
+    _check_opset(opset)
+    _check_target(out_dir, overwrite, keep)  # before the slow part
+    names = label_names(model, class_names)
+    model = fold_weight_standardization(float32_copy(model))
+    height, width = model.input_shape[1:3]
+    with _atomic_dir(out_dir, overwrite, keep) as tmp:
+        external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
+        proto, storage = _convert(model, opset, external)
+        _check_opset_written(proto, opset)
+        _describe(proto, names, height, width)
+        path = os.path.join(tmp, ONNX_FILE)
+        _write(proto, storage if external else None, path)
+        del proto, storage
+        gc.collect()
+        onnx.checker.check_model(path)  # by path: works with external data too
+        with open(os.path.join(tmp, "class_names.json"), "w") as f:
+            json.dump(names, f)
+    return os.path.join(out_dir, ONNX_FILE)
+
+
+def onnx_session(path, threads=2):
+    """An ONNX Runtime CPU session of an exported file (`model.onnx`, or the export folder holding it)."""
+    (ort,) = _import("onnxruntime")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, ONNX_FILE)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_predict(path_or_session, images, batch_size=BATCH_SIZE):
+    """Runs an exported ONNX file on pixels `[N, H, W, 3]`, `batch_size` images at a time -> numpy `[N, C]`.
+
+    `path_or_session` is a path (file or export folder) or a session from
+    `onnx_session` to reuse across calls. Pixels are cast to float32.
+    """
+    session = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
+    images = np.asarray(images)
+    batch_size = batch_size or max(len(images), 1)
+    input_name = session.get_inputs()[0].name
+    results = [session.run(["probabilities"], {input_name: images[i:i + batch_size].astype("float32")})[0]
+               for i in range(0, len(images), batch_size)]
+    if not results:
+        return np.zeros((0, session.get_outputs()[0].shape[-1]), "float32")
+    return np.concatenate(results)

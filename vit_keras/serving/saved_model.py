@@ -1,0 +1,88 @@
+"""The SavedModel for TF Serving: `serving_default` (encoded images), `predict_images` (pixels), `attention`."""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from vit_keras.model import attention_model, float32_copy, fold_weight_standardization
+from vit_keras.predict import label_names, probabilities
+from vit_keras.preprocessing import preprocess_inputs
+from vit_keras.serving.folders import _atomic_dir, _check_name_and_version, _check_target
+from vit_keras.serving.images import MAX_PIXELS, checked_pixels, decode_images
+from vit_keras.serving.warmup import write_warmup
+
+
+def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_names=None,
+                       max_pixels=MAX_PIXELS, overwrite=False, keep=()):
+    """Writes a SavedModel in TF Serving's layout, `out_dir/<name>/<version>/`.
+
+    Signatures (tensor names are stable and documented in export/README.md):
+    - `serving_default`: `image_bytes` (string [N], encoded JPEG/PNG/BMP/GIF of
+      any size) -> `probabilities` [N, C], `classes` [N, k] (int32 indices),
+      `labels` [N, k] (string), `scores` [N, k].
+    - `predict_images`: `images` (float32 [N, H, W, 3], pixels 0..255) -> the same.
+    - `attention`: `images` -> `attention` [N, layers, heads, T, T] and
+      `rollout` [N, grid_h, grid_w] (attention rollout of the class token).
+
+    Every signature checks its input inside the graph first (rank and shape,
+    finite pixels, the pixel limit of encoded images) and answers a bad request
+    with INVALID_ARGUMENT. `overwrite` replaces only an earlier export (see
+    `_atomic_dir`), never a folder holding a path in `keep`.
+
+    Returns:
+        The path of the version folder.
+    """
+    from vit_keras import visualize
+
+    name = name or model.name
+    _check_name_and_version(name, version)
+    final = os.path.join(out_dir, name, str(version))
+    _check_target(final, overwrite, keep)  # before the slow part
+    model = fold_weight_standardization(float32_copy(model))
+    names = label_names(model, class_names)
+    k = min(top_k, len(names))
+    height, width = model.input_shape[1:3]
+    grid = visualize.grid_shape(model)
+    attn = attention_model(model)
+    labels_table = tf.constant(names)
+
+    def outputs(pixels):
+        probs = probabilities(model, pixels)
+        scores, classes = tf.math.top_k(probs, k=k)
+        return {"probabilities": probs, "classes": classes, "labels": tf.gather(labels_table, classes),
+                "scores": scores}
+
+    # The specs leave the rank open: with [None, H, W, 3] a graph optimiser may take the
+    # rank as known and fold parts of the in-graph checks away (TF Serving does not check
+    # fed shapes against the signature). The checks state the expected shape.
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name="image_bytes")])
+    def serve_bytes(image_bytes):
+        return outputs(decode_images(image_bytes, (height, width), max_pixels))
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+    def predict_images(images):
+        return outputs(checked_pixels(images, (height, width)))
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+    def attention(images):
+        images = checked_pixels(images, (height, width))
+        _, weights = attn(preprocess_inputs(images), training=False)
+        stacked = tf.stack([tf.cast(w, tf.float32) for w in weights], axis=1)
+        return {"attention": stacked, "rollout": visualize.rollout_grid(weights, grid)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.track(attn)
+    archive.add_endpoint("serving_default", serve_bytes)
+    archive.add_endpoint("predict_images", predict_images)
+    archive.add_endpoint("attention", attention)
+    with _atomic_dir(final, overwrite, keep) as tmp:
+        archive.write_out(tmp, verbose=False)
+        extra = os.path.join(tmp, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        with open(os.path.join(extra, "class_names.json"), "w") as f:
+            json.dump(names, f)
+        write_warmup(extra, name, (height, width))
+    return final
