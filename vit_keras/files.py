@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -66,6 +67,11 @@ def load_keras(path):
     try:
         return keras.saving.load_model(path)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the file
+        unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", str(e))
+        if unknown:  # Keras's first line is generic advice; the class is what the user needs
+            raise ValueError(f"cannot load the model {path}: Could not locate class '{unknown.group(1)}' (a "
+                             "class of the program that wrote it: import the code that registers it "
+                             "first).") from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise ValueError(f"cannot load the model {path}: {lines[0] if lines else type(e).__name__}") from None
 
@@ -89,10 +95,12 @@ class FolderInUse(ValueError):
 class FolderLock:
     """An exclusive, non-blocking `flock` on an output folder, held while a command writes there.
 
-    The lock file is `lock_path` (kept afterwards: removing a lock file while
-    another process opens it would let two processes hold "the" lock). The
-    kernel releases the lock when the process ends, also on SIGKILL, so a
-    killed run never leaves a stale lock behind.
+    The lock file is `lock_path`; it is removed on release (while still
+    locked, and a process that locked a file already removed tries again, so
+    two processes never both hold "the" lock). The kernel releases the lock
+    when the process ends, also on SIGKILL, so a killed run never blocks the
+    next one (its empty lock file stays until then). The process holding it
+    may take it again (nested); another process gets `FolderInUse`.
 
     Args:
         lock_path: str. The lock file to create (its folder must exist).
@@ -101,11 +109,11 @@ class FolderLock:
     Example:
     >>> import tempfile
     >>> folder = tempfile.mkdtemp()
-    >>> with FolderLock(os.path.join(folder, ".lock"), folder):
-    ...     FolderLock(os.path.join(folder, ".lock"), folder).acquire()
-    Traceback (most recent call last):
-    ...
-    vit_keras.files.FolderInUse: ... is in use by another vit-keras process (pid ...); wait for it to finish or choose another folder.
+    >>> with FolderLock(os.path.join(folder, ".lock"), folder) as lock:
+    ...     open(lock.lock_path).read() == str(os.getpid())  # the holder, for the error others get
+    True
+    >>> os.listdir(folder)
+    []
     """
 
     _held = {}  # lock file -> [fd, count]: a process may take its own lock again (nested exports)
@@ -116,13 +124,22 @@ class FolderLock:
         self.fd = None
 
     def acquire(self):
-        import fcntl
-
         held = FolderLock._held.get(self.lock_path)
         if held is not None:
             held[1] += 1
             self.fd = held[0]
             return self
+        while self.fd is None:
+            self.fd = self._try_lock()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        FolderLock._held[self.lock_path] = [self.fd, 1]
+        return self
+
+    def _try_lock(self):
+        """The locked descriptor of the file now at `lock_path`, or None if it was removed meanwhile."""
+        import fcntl
+
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
         except OSError as e:
@@ -136,11 +153,14 @@ class FolderLock:
                 os.close(fd)
             raise FolderInUse(f"{self.what} is in use by another vit-keras process (pid {owner}); wait for "
                               "it to finish or choose another folder.") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
-        FolderLock._held[self.lock_path] = [fd, 1]
-        return self
+        try:
+            same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it between our open and our lock: take the new one
+            os.close(fd)
+            return None
+        return fd
 
     def release(self):
         if self.fd is None:
@@ -149,6 +169,8 @@ class FolderLock:
         held[1] -= 1
         if not held[1]:
             del FolderLock._held[self.lock_path]
+            with contextlib.suppress(OSError):
+                os.remove(self.lock_path)  # still locked: nobody holds the path's next file yet
             os.close(self.fd)  # closing the descriptor releases the flock
         self.fd = None
 

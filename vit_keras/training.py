@@ -522,11 +522,12 @@ def _run(c):
             raise _finished_error(c.out, out_dir)
         try:
             return _fit(c, dist, out_dir, splits, finished)
-        except OSError as e:  # a full disk, a file-size limit: one line; the backup on disk is kept
+        except (OSError, files.OutputError) as e:  # a full disk, a file-size limit: one line, backup kept
             state = os.path.join(out_dir, "backup", "state.json")
             kept = (f" The last backup ({state}) is kept: run again with the same settings to resume."
                     if os.path.exists(state) else "")
-            raise files.OutputError(f"{files.write_error(e, out_dir)}{kept}") from None
+            error = e if isinstance(e, files.OutputError) else files.write_error(e, out_dir)
+            raise files.OutputError(f"{str(error).rstrip('.')}.{kept}") from None
 
 
 def _validate(c):
