@@ -324,7 +324,7 @@ def check_resume(backup, settings, out, overwrite):
 
     def show(value):
         text = json.dumps(value)
-        return text if len(text) <= 40 else text[:37] + "..."
+        return text if len(text) <= 100 else f"{text[:40]}...{text[-50:]}"
 
     diff = "; ".join(f"{k} {show(settings.get(k))} (backup: {show(recorded.get(k))})" for k in changed)
     raise ValueError(f"{out} holds a backup at step {state.get('step', 0)} of a run with other settings: {diff}. "
