@@ -176,7 +176,7 @@ def parser():
     p = argparse.ArgumentParser(prog="vit-keras", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    p.add_argument("--verbose", action="store_true",
+    p.add_argument("--verbose", dest="show_tensorflow_logs", action="store_true",  # not TrainConfig.verbose
                    help="show TensorFlow's own log lines too (also when you set TF_CPP_MIN_LOG_LEVEL yourself)")
     sub = p.add_subparsers(dest="command", required=True)
     add_train_arguments(sub.add_parser("train", help="train or fine-tune with model.fit"))

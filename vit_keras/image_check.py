@@ -160,17 +160,7 @@ def check_files(folder, paths, decoder, manifest=True, workers=None):
         raise ValueError(f"Unknown decoder {decoder!r}; use one of {DECODERS}.")
     folder = os.path.abspath(os.fspath(folder))
     known = load_manifest(folder, decoder) if manifest else {}
-    todo, signatures, bad = [], {}, []
-    for path in paths:
-        try:
-            signature = _signature(os.stat(path))  # before decoding: a file changed meanwhile is checked again
-        except OSError as e:
-            bad.append((path, e.strerror or str(e)))
-            continue
-        relative = os.path.relpath(os.path.abspath(path), folder)
-        signatures[path] = (relative, signature)
-        if known.get(relative) != signature:
-            todo.append(path)
+    todo, signatures, bad = _unchecked(folder, paths, known)
     if paths and len(todo) < len(paths) and manifest:
         logger.info("Image folder %s: %d of %d files unchanged since they were checked; checking %d.",
                     shown(folder), len(paths) - len(todo) - len(bad), len(paths), len(todo))
@@ -187,6 +177,28 @@ def check_files(folder, paths, decoder, manifest=True, workers=None):
         save_manifest(folder, decoder, {rel: sig for path, (rel, sig) in signatures.items() if path not in failed})
     order = {path: i for i, path in enumerate(paths)}
     return sorted(bad, key=lambda item: order.get(item[0], -1))
+
+
+def _unchecked(folder, paths, known):
+    """`(paths to decode, {path: (relative path, signature)}, [(unreadable path, reason)])`."""
+    todo, signatures, bad = [], {}, []
+    for path in paths:
+        try:
+            signature = _signature(os.stat(path))  # before decoding: a file changed meanwhile is checked again
+        except OSError as e:
+            bad.append((path, e.strerror or str(e)))
+            continue
+        relative = os.path.relpath(os.path.abspath(path), folder)
+        signatures[path] = (relative, signature)
+        if known.get(relative) != signature:
+            todo.append(path)
+    return todo, signatures, bad
+
+
+def unchecked(folder, paths, decoder):
+    """The files among `paths` that `check_files` would decode: not in the manifest, or changed since."""
+    folder = os.path.abspath(os.fspath(folder))
+    return _unchecked(folder, paths, load_manifest(folder, decoder))[0]
 
 
 def _check_with_tensorflow(paths, bar):
