@@ -132,12 +132,23 @@ def _uses_tensorflow(command):
 
 
 def import_tensorflow():
-    """Imports TensorFlow with what it writes while loading (absl, oneDNN, CUDA lines) captured."""
+    """Imports TensorFlow with what it writes while loading (absl, oneDNN, CUDA lines) captured.
+
+    The one thing among those lines a user must know becomes a line of ours:
+    a CUDA build of TensorFlow that finds no GPU runs on the CPU.
+    """
     with native_output("importing TensorFlow"):
         try:
-            import tensorflow  # noqa: F401
+            import tensorflow as tf
         except ImportError:
-            pass  # the command says so where it needs it
+            return  # the command says so where it needs it
+        try:
+            no_gpu = tf.test.is_built_with_cuda() and not tf.config.list_physical_devices("GPU")
+        except Exception:  # an odd build: no advice rather than a failed command
+            no_gpu = False
+    if no_gpu:
+        say("vit-keras: TensorFlow was built for CUDA but finds no GPU; running on the CPU "
+            "(vit-keras --verbose shows TensorFlow's reasons).")
 
 
 @contextlib.contextmanager

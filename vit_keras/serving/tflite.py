@@ -340,7 +340,7 @@ def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_image
     with _atomic_dir(out_dir, overwrite, keep) as tmp, \
             console.Progress("TFLite conversion", len(variants), "variant") as bar:
         for done, variant in enumerate(variants):
-            bar.update(done, note=variant)
+            bar.update(done, note=f"at {variant}")
             path = os.path.join(tmp, f"{variant}.tflite")
             blob = convert_tflite(model, variant, representative_images, int8_ops=int8_ops)
             with open(path, "wb") as f:
@@ -364,7 +364,7 @@ def parity_table(model, tflite_files, images, labels=None, batch_size=BATCH_SIZE
     images = np.asarray(images)
     engines = 1 + len(tflite_files)
     with console.Progress("TFLite parity against Keras", engines * len(images), "image") as bar:
-        bar.update(0, note="keras")
+        bar.update(0, note="at keras")
         copy, parts = float32_copy(model), []
         for start in range(0, len(images), batch_size or max(len(images), 1)):
             parts.append(batched_probabilities(copy, images[start:start + (batch_size or len(images))], batch_size))
@@ -375,7 +375,7 @@ def parity_table(model, tflite_files, images, labels=None, batch_size=BATCH_SIZE
         probabilities_of = {}
         with console.native_output("running TFLite files"):  # "INFO: Created TensorFlow Lite XNNPACK delegate"
             for variant, path in tflite_files.items():
-                bar.update(bar.current, note=variant)
+                bar.update(bar.current, note=f"at {variant}")
                 interpreter = tflite_interpreter(path)
                 probabilities_of[variant] = tflite_predict(interpreter, images, batch_size=batch_size,
                                                            progress=bar.add)
