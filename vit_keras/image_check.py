@@ -188,11 +188,18 @@ def _unchecked(folder, paths, known):
         except OSError as e:
             bad.append((path, e.strerror or str(e)))
             continue
-        relative = os.path.relpath(os.path.abspath(path), folder)
+        relative = _relative(path, folder)
         signatures[path] = (relative, signature)
         if known.get(relative) != signature:
             todo.append(path)
     return todo, signatures, bad
+
+
+def _relative(path, folder):
+    absolute = path if os.path.isabs(path) else os.path.abspath(path)
+    if absolute.startswith(folder + os.sep) and os.sep + ".." not in absolute and os.sep + "." + os.sep not in absolute:
+        return absolute[len(folder) + 1:]  # the common case, without relpath's cost on a million files
+    return os.path.relpath(absolute, folder)
 
 
 def unchecked(folder, paths, decoder):
