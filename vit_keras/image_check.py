@@ -224,10 +224,9 @@ def _check_with_tensorflow(paths, bar):
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), names))
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
     good = set()
-    for index, _ in ds.as_numpy_iterator():
-        good.add(int(index))
-        if len(good) % 64 == 0:
-            bar.update(len(good))
+    for indices, _ in ds.batch(256).as_numpy_iterator():  # batches: little Python per file
+        good.update(indices.tolist())
+        bar.update(len(good))
     return [(p, data._decode_error(os.fsencode(p))) for i, p in enumerate(paths) if i not in good]
 
 
