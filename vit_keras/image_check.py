@@ -101,10 +101,6 @@ def manifest_path(folder, decoder):
     return os.path.join(_cache_root(), hashlib.sha256(key).hexdigest()[:24] + ".json")
 
 
-def _signature(stat):
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-
-
 def load_manifest(folder, decoder):
     """`{path relative to folder: [size, mtime_ns, ctime_ns]}` of the files that decoded before; {} if none."""
     try:
@@ -158,9 +154,9 @@ def check_files(folder, paths, decoder, manifest=True, workers=None):
 
     if decoder not in DECODERS:
         raise ValueError(f"Unknown decoder {decoder!r}; use one of {DECODERS}.")
-    folder = os.path.abspath(os.fspath(folder))
+    given, folder = os.fspath(folder), os.path.abspath(os.fspath(folder))
     known = load_manifest(folder, decoder) if manifest else {}
-    todo, signatures, bad = _unchecked(folder, paths, known)
+    todo, signatures, bad = _unchecked(folder, paths, known, given)
     if paths and len(todo) < len(paths) and manifest:
         logger.info("Image folder %s: %d of %d files unchanged since they were checked; checking %d.",
                     shown(folder), len(paths) - len(todo) - len(bad), len(paths), len(todo))
@@ -179,33 +175,30 @@ def check_files(folder, paths, decoder, manifest=True, workers=None):
     return sorted(bad, key=lambda item: order.get(item[0], -1))
 
 
-def _unchecked(folder, paths, known):
+def _unchecked(folder, paths, known, given=None):
     """`(paths to decode, {path: (relative path, signature)}, [(unreadable path, reason)])`."""
     todo, signatures, bad = [], {}, []
+    prefix = os.path.join(given if given is not None else folder, "")
     for path in paths:
         try:
-            signature = _signature(os.stat(path))  # before decoding: a file changed meanwhile is checked again
+            stat = os.stat(path)  # before decoding: a file changed meanwhile is checked again
         except OSError as e:
             bad.append((path, e.strerror or str(e)))
             continue
-        relative = _relative(path, folder)
+        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+        relative = path[len(prefix):]
+        if not path.startswith(prefix) or os.sep + "." in os.sep + relative:  # the rare case: normalise
+            relative = os.path.relpath(os.path.abspath(path), folder)
         signatures[path] = (relative, signature)
         if known.get(relative) != signature:
             todo.append(path)
     return todo, signatures, bad
 
 
-def _relative(path, folder):
-    absolute = path if os.path.isabs(path) else os.path.abspath(path)
-    if absolute.startswith(folder + os.sep) and os.sep + ".." not in absolute and os.sep + "." + os.sep not in absolute:
-        return absolute[len(folder) + 1:]  # the common case, without relpath's cost on a million files
-    return os.path.relpath(absolute, folder)
-
-
 def unchecked(folder, paths, decoder):
     """The files among `paths` that `check_files` would decode: not in the manifest, or changed since."""
-    folder = os.path.abspath(os.fspath(folder))
-    return _unchecked(folder, paths, load_manifest(folder, decoder))[0]
+    given, folder = os.fspath(folder), os.path.abspath(os.fspath(folder))
+    return _unchecked(folder, paths, load_manifest(folder, decoder), given)[0]
 
 
 def _check_with_tensorflow(paths, bar):
