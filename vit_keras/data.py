@@ -24,9 +24,9 @@ import threading
 import keras
 import numpy as np
 
+from vit_keras.image_check import EXTENSIONS as IMAGE_EXTENSIONS  # .webp too: both decoders read it
 from vit_keras.preprocessing import preprocess_inputs
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # = image_check.EXTENSIONS
 # The splits every dataset is given as (`Splits` fields).
 SPLITS = ("test", "validation", "train")
 
