@@ -103,7 +103,7 @@ def test_train_and_export_in_a_terminal(digit_folder, tmp_path):
     assert_no_internal_lines(out)
     assert re.search(r"\rTFLite int8 calibration: 80/80 ━+ \d+s \d+[mu]?s/image", out), out[-3000:]
     assert re.search(r"\rTFLite conversion \(written\): 1/1 ━+ \d+s \d+m?s/variant", out), out[-3000:]
-    assert re.search(r"\rTFLite parity against Keras \(int8\): 20/20 ━+ \d+s \d+[mu]?s/image", out), out[-3000:]
+    assert re.search(r"\rTFLite parity against Keras \(at int8\): 20/20 ━+ \d+s \d+[mu]?s/image", out), out[-3000:]
     assert re.search(r"int8 +[0-9.e+-]+ +[0-9.]+%", out), out[-3000:]  # the parity table
     assert sorted(os.listdir(tmp_path / "lite")) == ["class_names.json", "int8.tflite", "vit_keras_export.json"]
 
