@@ -134,7 +134,7 @@ def test_train_and_export_to_a_log_file(digit_folder, tmp_path):
 
 
 def test_verbose_and_a_user_set_level_show_tensorflow_lines(tmp_path):
-    """--verbose, or TF_CPP_MIN_LOG_LEVEL set by the user, leave TensorFlow's own lines (the default: the tests above)."""
+    """--verbose, or TF_CPP_MIN_LOG_LEVEL set by the user, leave TensorFlow's own lines (default: tests above)."""
     argv = ["export", "--model", str(tmp_path / "missing.keras"), "--format", "saved_model", "--out", str(tmp_path)]
     for args, env in ((["--verbose", *argv], command_env()), (argv, command_env(TF_CPP_MIN_LOG_LEVEL="0"))):
         shown = subprocess.run(vit_keras_command(*args), env=env, capture_output=True, text=True)
@@ -172,7 +172,8 @@ def test_captured_native_output(capfd, monkeypatch):
                     b"E0000 00:00:1796411686.1 4559 foo.cc:12] Something broke\nfully_quantize: 0\n")
         console.say("our own line")
     err = capfd.readouterr().err
-    assert err.splitlines() == ["our own line", "vit-keras: TensorFlow reported an error while testing: Something broke"]
+    assert err.splitlines() == ["our own line",
+                                "vit-keras: TensorFlow reported an error while testing: Something broke"]
     with pytest.raises(RuntimeError):
         with console.native_output("converting"):
             os.write(2, b"loc(fused): error: failed to legalize\n")

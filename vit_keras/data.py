@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
 import re
 import threading
 
