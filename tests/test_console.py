@@ -86,6 +86,7 @@ def assert_no_internal_lines(text):
     assert not found, f"internal log lines: {found}\n{text[-3000:]}"
 
 
+@pytest.mark.slow  # trains, exports, starts processes (`make check` leaves it out)
 def test_train_and_export_in_a_terminal(digit_folder, tmp_path):
     """On a terminal: no TensorFlow/absl/MLIR lines, bars with counts redrawn in place."""
     env = command_env(KERAS_HOME=str(tmp_path / "keras"))  # a cache of its own: the folder is checked
@@ -108,6 +109,7 @@ def test_train_and_export_in_a_terminal(digit_folder, tmp_path):
     assert sorted(os.listdir(tmp_path / "lite")) == ["class_names.json", "int8.tflite", "vit_keras_export.json"]
 
 
+@pytest.mark.slow  # trains, exports, starts processes (`make check` leaves it out)
 def test_train_and_export_to_a_log_file(digit_folder, tmp_path):
     """Output to a file: our lines only, a few per phase, no redraws."""
     env = command_env(KERAS_HOME=str(tmp_path / "keras"))  # a cache of its own: the folder is checked
@@ -133,6 +135,7 @@ def test_train_and_export_to_a_log_file(digit_folder, tmp_path):
         assert any(re.match(pattern, line) for line in lines), (pattern, log)
 
 
+@pytest.mark.slow  # trains, exports, starts processes (`make check` leaves it out)
 def test_verbose_and_a_user_set_level_show_tensorflow_lines(tmp_path):
     """--verbose, or TF_CPP_MIN_LOG_LEVEL set by the user, leave TensorFlow's own lines (default: tests above)."""
     argv = ["export", "--model", str(tmp_path / "missing.keras"), "--format", "saved_model", "--out", str(tmp_path)]
