@@ -13,12 +13,12 @@ PACKAGE = ROOT / "vit_keras"
 # Name -> config -> model -> (train | evaluate | serve): each module may import (at module
 # level) only modules of earlier levels. Functions import later ones lazily where they must.
 LEVELS = [
-    {"preprocessing", "presets", "files", "download"},
+    {"preprocessing", "presets", "files", "download", "console"},
     {"layers", "optimizers"},
     {"checkpoint"},
     {"model", "utils"},
     {"vit", "features", "predict"},
-    {"data", "distribute", "visualize"},
+    {"data", "distribute", "visualize", "image_check"},
     {"training", "evaluate", "serving"},
     {"export", "cli"},
 ]

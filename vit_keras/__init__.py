@@ -15,6 +15,12 @@ PyTorch backends.
 """
 
 import importlib
+import sys as _sys
+
+from vit_keras import console as _console
+
+if _console.invoked_as_command():  # `vit-keras`: TensorFlow's own lines silenced before it is imported
+    _console.configure(*_console.command_words(_sys.argv[1:]))
 
 from vit_keras import layers, optimizers, presets, utils, vit  # optimizers: registered for .keras files
 from vit_keras.checkpoint import load_npz

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from vit_keras import data, distribute, files, presets, serving, training, visualize
+from vit_keras import console, data, distribute, files, presets, serving, training, visualize
 from vit_keras.serving.folders import _check_name_and_version
 
 
@@ -180,6 +180,8 @@ def parser():
     p = argparse.ArgumentParser(prog="vit-keras", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--verbose", dest="show_tensorflow_logs", action="store_true",  # not TrainConfig.verbose
+                   help="show TensorFlow's own log lines too (also when you set TF_CPP_MIN_LOG_LEVEL yourself)")
     sub = p.add_subparsers(dest="command", required=True)
     add_train_arguments(sub.add_parser("train", help="train or fine-tune with model.fit"))
     export_p = sub.add_parser("export", help="SavedModel for TF Serving, TFLite files for phones, ONNX")
@@ -242,6 +244,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     files.raise_on_sigterm()  # SIGTERM unwinds: temporary files and folders are removed on the way out
+    if console.is_quiet():  # set before TensorFlow was imported (vit_keras/__init__.py)
+        console.quiet_loggers()
     try:
         if args.command == "train":
             _print_metrics(training.train(train_config(args)).metrics, args.out)

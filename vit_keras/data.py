@@ -17,16 +17,15 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
 import re
 import threading
 
 import keras
 import numpy as np
 
+from vit_keras.image_check import EXTENSIONS as IMAGE_EXTENSIONS  # .webp too: both decoders read it
 from vit_keras.preprocessing import preprocess_inputs
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # The splits every dataset is given as (`Splits` fields).
 SPLITS = ("test", "validation", "train")
 
@@ -135,23 +134,22 @@ def digits(tf_data=None):
 def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True, tf_data=None):
     """A folder with one sub-folder of images per class, split 80/10/10 by a seeded shuffle.
 
-    Hidden sub-folders (`.ipynb_checkpoints`) are no classes. With `check`, every
-    file is decoded once up front by the decoder training uses (TensorFlow's
-    for `tf.data`, Pillow's for `Examples`), and a folder with any file that
-    does not decode is refused with the names of those files (none is skipped:
-    a silently smaller dataset is worse than an error).
+    Hidden sub-folders (`.ipynb_checkpoints`) are no classes, and hidden folders
+    and files inside class folders are not images of the class; they and files
+    with other extensions are left out with a log line that counts them. With
+    `check`, every file is decoded once up front by the decoder training uses
+    (TensorFlow's for `tf.data`, Pillow's for `Examples`), in parallel, and a
+    folder with any file that does not decode is refused with the names of
+    those files (none is skipped: a silently smaller dataset is worse than an
+    error). Files that decoded are remembered (`image_check`): a rerun decodes
+    only new or changed ones.
     """
+    from vit_keras import image_check
+
     tf_data = use_tf_data() if tf_data is None else tf_data
-    root = pathlib.Path(path)
-    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, labels, counts = [], [], {}
-    for label, name in enumerate(class_names):
-        found = sorted(
-            str(f) for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        files += found
-        labels += [label] * len(found)
-        counts[name] = len(found)
+    listing = image_check.list_folder(path)  # hidden folders/files and other extensions left out, counted
+    class_names, files, labels, counts = listing.class_names, listing.files, listing.labels, listing.counts
+    _report_unused(path, listing)
     with_images = [name for name in class_names if counts[name]]
     empty = [name for name in class_names if not counts[name]]
     if len(with_images) < 2:
@@ -167,10 +165,10 @@ def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True, tf_data=None):
                        "an output for each.", path, ", ".join(empty))
     if len(files) < 3:
         raise ValueError(f"Image folder {path} has {len(files)} images; it needs at least 3.")
-    if check:
-        bad = undecodable(files) if tf_data else undecodable_by_pillow(files)
+    if check:  # decoded in parallel, only files new or changed since the last check (image_check)
+        bad = image_check.check_files(path, files, "tensorflow" if tf_data else "pillow")
         if bad:
-            shown = "; ".join(f"{f}: {reason}" for f, reason in bad[:10])
+            shown = "; ".join(f"{image_check.shown(f)}: {reason}" for f, reason in bad[:10])
             more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise ValueError(
                 f"Image folder {path}: {len(bad)} of {len(files)} files cannot be decoded "
@@ -188,7 +186,8 @@ def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True, tf_data=None):
         if not tf_data:
             return Examples(np.array([str(f) for f in files[lo:hi]], dtype=object), labels[lo:hi])
         tf = _tf()
-        return tf.data.Dataset.from_tensor_slices((files[lo:hi], labels[lo:hi])).map(
+        names = np.array([os.fsencode(f) for f in files[lo:hi]], dtype=object)  # names that are not UTF-8 too
+        return tf.data.Dataset.from_tensor_slices((names, labels[lo:hi])).map(
             lambda f, y: (tf.io.read_file(f), y), num_parallel_calls=tf.data.AUTOTUNE
         )
 
@@ -199,6 +198,19 @@ def image_folder(path, seed=0, fractions=(0.8, 0.1), check=True, tf_data=None):
         class_names=class_names,
         num_train=n_train,
     )
+
+
+def _report_unused(path, listing):
+    """One line each for the files of class folders that are not used: hidden ones, other extensions."""
+    from vit_keras.image_check import shown
+
+    for what, found in (("hidden (dot-named) file(s) or folder(s)", listing.hidden),
+                        (f"file(s) not ending in {'/'.join(IMAGE_EXTENSIONS)}", listing.others)):
+        if found:
+            examples = ", ".join(shown(os.path.relpath(f, path)) for f in found[:3])
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            logger.warning("Image folder %s: %d %s in class folders are not used: %s%s.",
+                           shown(path), len(found), what, examples, more)
 
 
 def undecodable(files):

@@ -80,7 +80,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     Preprocessing is the original's evaluation: decode, resize to the model's
     resolution (bilinear, no crop), normalise with the checkpoint's mean and
     std (`x / 127.5 - 1` for every published one). Images stream through in
-    batches of `batch_size` under a Keras progress bar.
+    batches of `batch_size` under a progress bar (`console.Progress`).
 
     Args:
         model: keras.Model, str. A model, a `.keras` file or a builder name.
@@ -126,7 +126,12 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
 
     ds = getattr(splits, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     total = int(getattr(splits, split).cardinality().numpy())
-    bar = keras.utils.Progbar(total if total > 0 else None, verbose=verbose, unit_name="image")
+    if total > 0:  # redrawn on a terminal, a few lines in a log
+        from vit_keras import console
+
+        bar = console.Progress(f"Evaluating on {split} of {dataset}", total, "image", enabled=bool(verbose))
+    else:
+        bar = keras.utils.Progbar(None, verbose=verbose, unit_name="image")
     top1 = top5 = seen = 0
     k = min(5, classes)
     for images, labels in ds:

@@ -19,6 +19,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from vit_keras import console
 from vit_keras.model import float32_copy, fold_weight_standardization
 from vit_keras.predict import BATCH_SIZE, label_names, probabilities
 from vit_keras.serving.folders import _atomic_dir, _check_target
@@ -184,18 +185,23 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
     names = label_names(model, class_names)
     model = fold_weight_standardization(float32_copy(model))
     height, width = model.input_shape[1:3]
-    with _atomic_dir(out_dir, overwrite, keep) as tmp:
+    with _atomic_dir(out_dir, overwrite, keep) as tmp, console.Progress("ONNX", 3, "phase") as bar:
         external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
-        proto, storage = _convert(model, opset, external)
+        bar.update(0, note="converting with tf2onnx")
+        with console.native_output("converting to ONNX"):
+            proto, storage = _convert(model, opset, external)
         _check_opset_written(proto, opset)
         _describe(proto, names, height, width)
+        bar.update(1, note="writing")
         path = os.path.join(tmp, ONNX_FILE)
         _write(proto, storage if external else None, path)
         del proto, storage
         gc.collect()
+        bar.update(2, note="checking")
         onnx.checker.check_model(path)  # by path: works with external data too
         with open(os.path.join(tmp, "class_names.json"), "w") as f:
             json.dump(names, f)
+        bar.update(3, note="written")
     return os.path.join(out_dir, ONNX_FILE)
 
 

@@ -6,6 +6,7 @@ import os
 import keras
 import tensorflow as tf
 
+from vit_keras import console
 from vit_keras.model import attention_model, float32_copy, fold_weight_standardization
 from vit_keras.predict import label_names, probabilities
 from vit_keras.preprocessing import preprocess_inputs
@@ -72,17 +73,24 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
         stacked = tf.stack([tf.cast(w, tf.float32) for w in weights], axis=1)
         return {"attention": stacked, "rollout": visualize.rollout_grid(weights, grid)}
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.track(attn)
-    archive.add_endpoint("serving_default", serve_bytes)
-    archive.add_endpoint("predict_images", predict_images)
-    archive.add_endpoint("attention", attention)
-    with _atomic_dir(final, overwrite, keep) as tmp:
-        archive.write_out(tmp, verbose=False)
-        extra = os.path.join(tmp, "assets.extra")
-        os.makedirs(extra, exist_ok=True)
-        with open(os.path.join(extra, "class_names.json"), "w") as f:
-            json.dump(names, f)
-        write_warmup(extra, name, (height, width))
+    endpoints = {"serving_default": serve_bytes, "predict_images": predict_images, "attention": attention}
+    # Phases: one per signature traced, writing the SavedModel, the warm-up request.
+    with console.Progress("SavedModel", len(endpoints) + 2, "phase") as bar, \
+            console.native_output("writing the SavedModel"):
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.track(attn)
+        for done, (key, fn) in enumerate(endpoints.items()):
+            bar.update(done, note=f"tracing {key}")
+            archive.add_endpoint(key, fn)
+        with _atomic_dir(final, overwrite, keep) as tmp:
+            bar.update(len(endpoints), note="writing")
+            archive.write_out(tmp, verbose=False)
+            extra = os.path.join(tmp, "assets.extra")
+            os.makedirs(extra, exist_ok=True)
+            with open(os.path.join(extra, "class_names.json"), "w") as f:
+                json.dump(names, f)
+            bar.update(len(endpoints) + 1, note="warm-up request")
+            write_warmup(extra, name, (height, width))
+        bar.update(len(endpoints) + 2, note="written")
     return final

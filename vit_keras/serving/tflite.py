@@ -25,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vit_keras import files
+from vit_keras import console, files
 from vit_keras.model import attention_model, float32_copy
 from vit_keras.predict import (
     BATCH_SIZE,
@@ -112,11 +112,14 @@ def _saved_model(model, attention):
 
 def _calibration(representative_images):
     def representative():  # one image at a time: no float32 copy of the whole set
-        for i, image in enumerate(representative_images):
-            image = np.array(image, "float32")
-            if i == 0:  # one pixel 0 and one 255: the uint8 input takes pixels as they are (scale 1)
-                image[0, 0], image[0, -1] = 0.0, 255.0
-            yield SERVING_KEY, {"images": image[None]}
+        total = len(representative_images) if hasattr(representative_images, "__len__") else 0
+        with console.Progress("TFLite int8 calibration", total, "image") as bar:
+            for i, image in enumerate(representative_images):
+                image = np.array(image, "float32")
+                if i == 0:  # one pixel 0 and one 255: the uint8 input takes pixels as they are (scale 1)
+                    image[0, 0], image[0, -1] = 0.0, 255.0
+                yield SERVING_KEY, {"images": image[None]}
+                bar.update(i + 1)
 
     return representative
 
@@ -215,7 +218,9 @@ def convert_tflite(model, variant="float32", representative_images=None, attenti
     if attention and variant == "int8":
         raise ValueError("The int8 file has no attention signature (its calibration covers serving_default).")
     model = float32_copy(model)
-    with _saved_model(model, attention) as (directory, keys):
+    # The converter's MLIR passes and TensorFlow's SavedModel reader write to the C++ stderr.
+    with console.native_output(f"converting to TFLite ({variant})"), \
+            _saved_model(model, attention) as (directory, keys):
         converter = _configure(tf.lite.TFLiteConverter.from_saved_model(directory, signature_keys=keys),
                                variant, representative_images)
         try:
@@ -265,7 +270,7 @@ def _dequantized(result, details):
     return np.array(result, "float32")
 
 
-def tflite_predict(model, images, num_threads=2, batch_size=BATCH_SIZE):
+def tflite_predict(model, images, num_threads=2, batch_size=BATCH_SIZE, progress=None):
     """Runs a TFLite model on pixels `[N, H, W, 3]`, `batch_size` images at a time -> `[N, C]`.
 
     `model` is a path, flatbuffer bytes, or an interpreter (from `tflite_interpreter`)
@@ -273,6 +278,7 @@ def tflite_predict(model, images, num_threads=2, batch_size=BATCH_SIZE):
     signatures, from an earlier version, through its first input and output). The
     input is never larger than `batch_size` images (None: all at once), so memory
     does not grow with N; each batch is cast to the input's dtype (uint8 for `int8`).
+    `progress(n)`, if given, is called with the number of images of each batch done.
     """
     interpreter = model if hasattr(model, "invoke") else tflite_interpreter(model, num_threads)
     images = np.asarray(images)
@@ -297,6 +303,8 @@ def tflite_predict(model, images, num_threads=2, batch_size=BATCH_SIZE):
             interpreter.invoke()
             result = interpreter.get_tensor(out["index"])
         results.append(_dequantized(result, out))
+        if progress is not None:
+            progress(len(batch))
     if not results:
         return np.zeros((0, out["shape_signature"][-1]), "float32")
     return np.concatenate(results)
@@ -331,8 +339,10 @@ def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_image
     names = label_names(model, class_names)
     model = float32_copy(model)  # once for all variants
     written = {}
-    with _atomic_dir(out_dir, overwrite, keep) as tmp:
-        for variant in variants:
+    with _atomic_dir(out_dir, overwrite, keep) as tmp, \
+            console.Progress("TFLite conversion", len(variants), "variant") as bar:
+        for done, variant in enumerate(variants):
+            bar.update(done, note=f"at {variant}")
             path = os.path.join(tmp, f"{variant}.tflite")
             blob = convert_tflite(model, variant, representative_images, int8_ops=int8_ops)
             with open(path, "wb") as f:
@@ -340,6 +350,7 @@ def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_image
             del blob
             _release_memory()
             written[variant] = os.path.join(out_dir, f"{variant}.tflite")
+        bar.update(len(variants), note="written")
         with open(os.path.join(tmp, "class_names.json"), "w") as f:
             json.dump(names, f)
     return written
@@ -353,14 +364,28 @@ def parity_table(model, tflite_files, images, labels=None, batch_size=BATCH_SIZE
     the number of images.
     """
     images = np.asarray(images)
-    reference = batched_probabilities(float32_copy(model), images, batch_size)
-    _release_memory()
+    engines = 1 + len(tflite_files)
+    with console.Progress("TFLite parity against Keras", engines * len(images), "image") as bar:
+        bar.update(0, note="at keras")
+        copy, parts = float32_copy(model), []
+        for start in range(0, len(images), batch_size or max(len(images), 1)):
+            parts.append(batched_probabilities(copy, images[start:start + (batch_size or len(images))], batch_size))
+            bar.add(len(parts[-1]))
+        reference = np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), "float32")
+        del copy, parts
+        _release_memory()
+        probabilities_of = {}
+        with console.native_output("running TFLite files"):  # "INFO: Created TensorFlow Lite XNNPACK delegate"
+            for variant, path in tflite_files.items():
+                bar.update(bar.current, note=f"at {variant}")
+                interpreter = tflite_interpreter(path)
+                probabilities_of[variant] = tflite_predict(interpreter, images, batch_size=batch_size,
+                                                           progress=bar.add)
+                del interpreter
+                _release_memory()
     rows = []
     for variant, path in tflite_files.items():
-        interpreter = tflite_interpreter(path)
-        probs = tflite_predict(interpreter, images, batch_size=batch_size)
-        del interpreter
-        _release_memory()
+        probs = probabilities_of.pop(variant)
         rows.append({
             "variant": variant,
             "max_abs_diff": float(np.abs(probs - reference).max()),
