@@ -11,7 +11,7 @@ from vit_keras import vit
 from vit_keras.preprocessing import MEAN, STD, preprocess_inputs
 
 
-def load_model(model, weights=None, image_size=None):
+def load_model(model, weights=None, image_size=None, checkpoint_prefix=None):
     """A model to evaluate: a `keras.Model`, a `.keras` file, or a builder name with `weights`.
 
     A builder name loads `weights` (its default published checkpoint when
@@ -24,6 +24,9 @@ def load_model(model, weights=None, image_size=None):
         if not os.path.isfile(model):
             raise ValueError(f"{model}: no such .keras file.")
         return keras.saving.load_model(model)
+    if isinstance(model, str) and os.path.exists(model):  # a checkpoint that names its architecture
+        return vit.create(model, weights=weights, classes=None, image_size=image_size,
+                          checkpoint_prefix=checkpoint_prefix)
     if model not in presets.CONFIGS:
         raise ValueError(f"Unknown model {model!r}; use a builder name ({', '.join(presets.CONFIGS)}) "
                          "or a .keras file.")
@@ -31,7 +34,8 @@ def load_model(model, weights=None, image_size=None):
     if weights is None:
         raise ValueError(f"{model} has no published weights: pass --weights (an .npz path or URL).")
     # classes=None: the head as the checkpoint has it; image_size None: the checkpoint's resolution.
-    return vit.create(model, weights=weights, classes=None, image_size=image_size)
+    return vit.create(model, weights=weights, classes=None, image_size=image_size,
+                      checkpoint_prefix=checkpoint_prefix)
 
 
 def _preset(model, weights, image_size):
@@ -43,7 +47,7 @@ def _preset(model, weights, image_size):
 
 
 def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_size=32,
-             data_dir=None, download=False, verbose=1):
+             data_dir=None, download=False, verbose=1, checkpoint_prefix=None):
     """Top-1 and top-5 accuracy of `model` on a split of `dataset`.
 
     Preprocessing is the original's evaluation: decode, resize to the model's
@@ -63,6 +67,8 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
         data_dir: str or None. TFDS data directory. Defaults to None.
         download: bool. Let TFDS download the dataset. Defaults to False.
         verbose: int. 1 shows a progress bar. Defaults to 1.
+        checkpoint_prefix: str or None. The tower of a two-tower file ("img").
+            Defaults to None.
 
     Returns:
         dict with `top1`, `top5`, `count`, `model`, `dataset`, `split`, `image_size`.
@@ -73,7 +79,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
         raise ValueError(f"Unknown split {split!r}; use one of {data.SPLITS}.")
     preset = _preset(model, weights, image_size)
     mean, std = (preset.mean, preset.std) if preset else (MEAN, STD)
-    model = load_model(model, weights, image_size)
+    model = load_model(model, weights, image_size, checkpoint_prefix)
     splits = data.load(dataset, data_dir=data_dir, download=download, tf_data=True)  # on any backend
     classes = model.output_shape[-1]
     if classes != len(splits.class_names):

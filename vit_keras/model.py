@@ -5,7 +5,7 @@ import numbers
 import keras
 import numpy as np
 
-from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
+from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead  # noqa: F401
 from vit_keras.layers.std_conv import standardize_kernel
 
 
@@ -173,8 +173,10 @@ def build_model(
     elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)
         y = keras.layers.GlobalAveragePooling1D(name="gap")(y)
     elif classifier == "map":  # big_vision's attention pooling: a probe attends to the normalised tokens
-        y = MAPHead(num_heads, mlp_dim, numerics["layer_norm_epsilon"], numerics["gelu_approximate"],
-                    name="MAPHead_0")(y)
+        # Its probe's attention is an output of the layer's node (one query: nothing to save by fusing),
+        # so that `attention_model` can take it.
+        y, _ = MAPHead(num_heads, mlp_dim, numerics["layer_norm_epsilon"], numerics["gelu_approximate"],
+                       name="MAPHead_0")(y, return_weights=True)
     if representation_size:
         y = keras.layers.Dense(representation_size, activation="tanh",
                                kernel_initializer="lecun_normal", name="pre_logits")(y)
@@ -213,11 +215,13 @@ def find_encoder(model):
     return encoders[0]
 
 
-def attention_model(model):
+def attention_model(model, map_head=False):
     """Returns a model that shares `model`'s weights and also outputs attention.
 
     Its outputs are `(model's outputs, [weights of block 0, ..., L-1])`, each
     weights tensor `[batch, heads, tokens, tokens]` (softmax probabilities, float32).
+    With `map_head=True` (a `classifier="map"` model) a third output is the
+    MAP head's probe attention `[batch, heads, 1, tokens]`.
     The model's own encoder runs its attention fused, without weights; here
     the same layers run again on new inputs with the blocks asked for them.
     (A model saved before the fused attention has the weights in its graph
@@ -226,6 +230,7 @@ def attention_model(model):
     Args:
         model: keras.Model. A model from this package's builders (fine-tuned
             or reloaded from `.keras` too).
+        map_head: bool. Also output the MAP head's attention. Defaults to False.
 
     Example:
     >>> model = build_model(32, 16, 2, 64, 4, 128, classes=10)
@@ -234,15 +239,22 @@ def attention_model(model):
     (2, (1, 4, 5, 5))
     """
     encoder = find_encoder(model)
-    if isinstance(encoder.output, (list, tuple)):
+    heads = [layer for layer in model.layers if isinstance(layer, MAPHead)]
+    if map_head and len(heads) != 1:
+        raise ValueError(f"map_head=True: model {model.name!r} has no MAP head (classifier='map').")
+    if isinstance(encoder.output, (list, tuple)) and not map_head:
         # Keras keeps a layer's outputs flattened: the tokens, then block 0..L-1's weights.
         _, *weights = encoder.output
         outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
         inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
-    weights = []
+    weights, pooled = [], []
 
     def call(layer, *args, **kwargs):
+        if map_head and layer is heads[0]:
+            y, w = layer(*args, **kwargs)  # called with return_weights=True by build_model
+            pooled.append(w)
+            return y, w
         if layer is not encoder:
             return layer(*args, **kwargs)
         # The encoder's blocks one by one (Keras checks a graph against each layer's first call,
@@ -259,7 +271,7 @@ def attention_model(model):
         raise ValueError(f"The encoder of model {model.name!r} is not on the path from its inputs to its outputs.")
     outputs = graph.outputs[0] if len(graph.outputs) == 1 else graph.outputs
     inputs = graph.inputs[0] if len(graph.inputs) == 1 else graph.inputs
-    return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
+    return keras.Model(inputs, (outputs, weights, *pooled), name=f"{model.name}_attention")
 
 
 def copy_model(model, edit_config, weights=None):

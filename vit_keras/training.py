@@ -253,7 +253,7 @@ def _finished_run(out_dir):
     return [name for name in FINISHED_FILES if os.path.exists(os.path.join(out_dir, name))]
 
 
-def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
+def _model_from(spec, num_classes, class_names, image_size, weights, dropout, checkpoint_prefix=None):
     """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
         model = keras.saving.load_model(spec)
@@ -269,12 +269,12 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
                       image_size=image_size or spec.get("image_size", 224),
                       dropout=spec.get("dropout", 0.1) if dropout is None else dropout)
         return build_model(**config, **({"weights": weights} if weights else {}))
-    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS:
+    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS and not os.path.exists(spec):
         known = ", ".join(sorted(presets.ALL_CONFIGS))
         raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
     # image_size None: the published checkpoint's resolution, else 224 (as `create`).
     return vit.create(spec, weights=weights, classes=num_classes, image_size=image_size,
-                      class_names=class_names, dropout=dropout)
+                      class_names=class_names, dropout=dropout, checkpoint_prefix=checkpoint_prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +318,7 @@ class TrainConfig:
     backup_every: int = None
     overwrite: bool = False
     verbose: object = "auto"
+    checkpoint_prefix: str = None  # the tower of a two-tower `weights` file ("img")
 
 
 # `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
@@ -383,7 +384,7 @@ def train(config=None, **overrides):
 def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_dir, download, optimizer,
          learning_rate, weight_decay, warmup_steps, grad_accum, clipnorm, label_smoothing, dropout,
          randaugment, mixup, cutmix, crop_area, strategy, precision, jit_compile, seed, backup_every,
-         overwrite, verbose):
+         overwrite, verbose, checkpoint_prefix=None):
     """One run of `train`, from the fields of its `TrainConfig`."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; use one of {PRECISIONS}.")
@@ -419,7 +420,8 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
     keras.config.set_dtype_policy(precision)
     try:
         with dist.scope():
-            net = _model_from(model, num_classes, splits.class_names, image_size, weights, dropout)
+            net = _model_from(model, num_classes, splits.class_names, image_size, weights, dropout,
+                              checkpoint_prefix)
             net.compile(
                 optimizer=make_optimizer(optimizer, learning_rate, total_steps, warmup_steps,
                                          weight_decay, grad_accum, clipnorm),
