@@ -380,7 +380,7 @@ def load(weights, model=None, image_size=None, prefix=None):
     path = checkpoint.resolve(weights, model=model, image_size=image_size)
     with open(path, "rb") as f:
         magic = f.read(9)
-    if len(magic) == 9 and magic[8:9] == b"{":  # 8-byte header length, then the JSON header
+    if path.endswith(".safetensors") or magic[8:9] == b"{":  # 8-byte header length, then the JSON header
         state = read_safetensors(path)
         kind = _kind_of(state, path)
         if kind == "transformers_base":
