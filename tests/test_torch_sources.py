@@ -235,3 +235,16 @@ def test_hostile_safetensors(tmp_path, kind, match):
     if kind != "short":  # the same error through the public entry point
         with pytest.raises(ValueError, match=match):
             vit_keras.create(VIT, weights=str(path), classes=10, image_size=(32, 48))
+
+
+def test_tflite_keeps_timm_numerics():
+    """The float32 TFLite file of the timm hybrid gives timm's probabilities (serving takes 0..255 pixels)."""
+    from vit_keras.serving import tflite
+
+    folder = TIMM / "timm_r50_hybrid"
+    images, e = io(folder)
+    model = vit_keras.create(HYBRID, weights=str(folder / "model.safetensors"), classes=10, image_size=(32, 48))
+    blob = tflite.convert_tflite(model, "float32", attention=False)
+    probs = tflite.tflite_predict(blob, (images + 1) * 127.5)
+    z = e["logits"] - e["logits"].max(-1, keepdims=True)
+    assert_close(probs, np.exp(z) / np.exp(z).sum(-1, keepdims=True), 1e-5, "TFLite probabilities")

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import typing
+import warnings
 
 import numpy as np
 
@@ -318,7 +319,9 @@ def read_orbax(folder):
         raise ValueError(f"{folder} is an Orbax checkpoint folder; reading it needs orbax-checkpoint and "
                          f"tensorstore: {ORBAX_EXTRA}") from None
     try:
-        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(folder))
+        with warnings.catch_warnings():  # "sharding info not provided": restored on this host's CPU, as wanted
+            warnings.simplefilter("ignore")
+            tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(folder))
     except Exception as e:  # orbax raises many kinds; one line naming the folder
         raise ValueError(f"{folder}: Orbax could not restore it ({type(e).__name__}: {e}).") from None
     flat = {}
@@ -337,10 +340,24 @@ def read_orbax(folder):
     return flat
 
 
+def _vit_jax_train_state(flat):
+    # vit_jax's train.py saves the tuple (params, opt_state, step): Flax names its parts "0", "1", "2".
+    if "2" in flat and all(k == "2" or k.startswith(("0/", "1/")) for k in flat) and any(
+            k.startswith("0/Transformer/") for k in flat):
+        return {k[2:]: v for k, v in flat.items() if k.startswith("0/")}
+    return flat
+
+
+def _training_state(flat):
+    # Beside params/, a Flax TrainState or a big_vision-style state keeps the optimizer and counters.
+    if not any(k.startswith("params/") for k in flat):
+        return flat
+    return {k: v for k, v in flat.items() if not (k in ("step", "count") or k.startswith(
+        ("opt/", "chrono/", "opt_state/")))}
+
+
 def _orbax_params(folder, prefix):
-    flat = read_orbax(folder)
-    skip = checkpoint.ignored_keys(flat)
-    flat = {k: v for k, v in flat.items() if k not in skip}
+    flat = _training_state(_vit_jax_train_state(read_orbax(folder)))
     bad = sorted(k for k, v in flat.items() if v.dtype.kind != "f")
     if bad:
         raise ValueError(f"{folder}: {', '.join(bad[:8])} hold {flat[bad[0]].dtype} values; a checkpoint holds "
@@ -375,6 +392,10 @@ def load(weights, model=None, image_size=None, prefix=None):
             return Source(checkpoint.Checkpoint(folder, params), "transformers", numerics, arch, names)
         if is_orbax_folder(folder):
             return Source(checkpoint.Checkpoint(folder, _orbax_params(folder, prefix)), "orbax", {})
+        inside = sorted(n for n in os.listdir(folder)
+                        if os.path.isdir(os.path.join(folder, n)) and is_orbax_folder(os.path.join(folder, n)))
+        if inside:  # a training run's workdir: which step is the user's choice
+            raise ValueError(f"{folder} holds Orbax checkpoints {inside[:8]}: pass one of them.")
         raise ValueError(f"{folder} is a folder but neither a transformers folder (config.json + "
                          "model.safetensors) nor an Orbax checkpoint (_METADATA, manifest.ocdbt, ...).")
     path = checkpoint.resolve(weights, model=model, image_size=image_size)
