@@ -24,7 +24,7 @@ def load_model(model, weights=None, image_size=None, checkpoint_prefix=None):
         if not os.path.isfile(model):
             raise ValueError(f"{model}: no such .keras file.")
         return keras.saving.load_model(model)
-    if isinstance(model, str) and os.path.exists(model):  # a checkpoint that names its architecture
+    if vit.is_checkpoint_path(model):  # a checkpoint that names its architecture
         return vit.create(model, weights=weights, classes=None, image_size=image_size,
                           checkpoint_prefix=checkpoint_prefix)
     if model not in presets.CONFIGS:

@@ -366,6 +366,58 @@ def _orbax_params(folder, prefix):
     return checkpoint.check_finite(params, folder)
 
 
+# ----------------------------------------------------------------------------- big_vision's tensorstore folders
+
+
+def _zarr_driver(leaf):
+    names = set(os.listdir(leaf)) if os.path.isdir(leaf) else set()
+    return "zarr" if ".zarray" in names else "zarr3" if "zarr.json" in names else None
+
+
+def is_big_vision_ts(folder):
+    """big_vision's `checkpoint.bv-<step>/`: one zarr array per leaf, named by its path with "~" for "/"."""
+    return any(_zarr_driver(os.path.join(folder, n)) for n in os.listdir(folder))
+
+
+def big_vision_ts_step(path):
+    """`.../checkpoint.bv` (big_vision's prefix, with a `-LAST` file beside it) -> the step folder it names."""
+    last = f"{path}-LAST"
+    if os.path.isdir(path) or not os.path.isfile(last):
+        return None
+    with open(last, encoding="utf-8") as f:
+        step = f.read().strip()
+    if not re.fullmatch(r"\d+(-tmp)?", step):
+        raise ValueError(f"{last} names {step!r}, not a step folder.")
+    return f"{path}-{step}"
+
+
+def read_big_vision_ts(folder):
+    """Reads the `params` arrays of a big_vision tensorstore checkpoint folder (its `opt~`, `chrono~` unread)."""
+    try:
+        import tensorstore as ts
+    except ImportError:
+        raise ValueError(f"{folder} is a big_vision tensorstore checkpoint; reading it needs tensorstore: "
+                         f"{ORBAX_EXTRA}") from None
+    leaves = sorted(n for n in os.listdir(folder) if _zarr_driver(os.path.join(folder, n)))
+    params = [n for n in leaves if n.startswith("params~")]  # big_vision's load_params reads params/ only
+    out = {}
+    for name in params or leaves:
+        leaf = os.path.abspath(os.path.join(folder, name))
+        try:
+            store = ts.open({"driver": _zarr_driver(leaf), "kvstore": {"driver": "file", "path": leaf}},
+                            open=True, read=True).result()
+            if store.dtype.numpy_dtype.kind not in "fV" or store.dtype.name not in (
+                    "float16", "bfloat16", "float32", "float64"):
+                raise ValueError(f"{folder}: {name.replace('~', '/')} has dtype {store.dtype.name}; a checkpoint "
+                                 "holds floating-point arrays.")
+            out[name.replace("~", "/")] = np.asarray(store.read().result()).astype("float32")
+        except ValueError as e:
+            if str(e).startswith(str(folder)):
+                raise
+            raise ValueError(f"{folder}: tensorstore could not read {name} ({e}).") from None
+    return out
+
+
 # ----------------------------------------------------------------------------- one entry point
 
 
@@ -381,6 +433,8 @@ def load(weights, model=None, image_size=None, prefix=None):
         image_size: int, (h, w) or None. Picks among published resolutions.
         prefix: str or None. The tower of a two-tower file ("img").
     """
+    if isinstance(weights, (str, os.PathLike)):
+        weights = big_vision_ts_step(os.fspath(weights)) or weights
     if isinstance(weights, (str, os.PathLike)) and os.path.isdir(weights):
         folder = os.fspath(weights)
         if os.path.isfile(os.path.join(folder, "config.json")):
@@ -392,10 +446,13 @@ def load(weights, model=None, image_size=None, prefix=None):
             return Source(checkpoint.Checkpoint(folder, params), "transformers", numerics, arch, names)
         if is_orbax_folder(folder):
             return Source(checkpoint.Checkpoint(folder, _orbax_params(folder, prefix)), "orbax", {})
-        inside = sorted(n for n in os.listdir(folder)
-                        if os.path.isdir(os.path.join(folder, n)) and is_orbax_folder(os.path.join(folder, n)))
+        if is_big_vision_ts(folder):
+            params = checkpoint.canonical(read_big_vision_ts(folder), folder, prefix)
+            return Source(checkpoint.Checkpoint(folder, checkpoint.check_finite(params, folder)), "big_vision_ts", {})
+        inside = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)) and (
+            is_orbax_folder(os.path.join(folder, n)) or is_big_vision_ts(os.path.join(folder, n))))
         if inside:  # a training run's workdir: which step is the user's choice
-            raise ValueError(f"{folder} holds Orbax checkpoints {inside[:8]}: pass one of them.")
+            raise ValueError(f"{folder} holds checkpoints {inside[:8]}: pass one of them.")
         raise ValueError(f"{folder} is a folder but neither a transformers folder (config.json + "
                          "model.safetensors) nor an Orbax checkpoint (_METADATA, manifest.ocdbt, ...).")
     path = checkpoint.resolve(weights, model=model, image_size=image_size)

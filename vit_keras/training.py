@@ -269,7 +269,7 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout, ch
                       image_size=image_size or spec.get("image_size", 224),
                       dropout=spec.get("dropout", 0.1) if dropout is None else dropout)
         return build_model(**config, **({"weights": weights} if weights else {}))
-    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS and not os.path.exists(spec):
+    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS and not vit.is_checkpoint_path(spec):
         known = ", ".join(sorted(presets.ALL_CONFIGS))
         raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
     # image_size None: the published checkpoint's resolution, else 224 (as `create`).

@@ -15,9 +15,10 @@ POOLED = ("token", "gap", "map")
 logger = logging.getLogger("vit_keras")
 
 
-def _is_checkpoint_path(name):
-    return isinstance(name, (str, os.PathLike)) and not isinstance(name, presets.ViTConfig) and (
-        os.path.isdir(name) or os.path.isfile(name))
+def is_checkpoint_path(name):
+    """Whether `name` is a checkpoint on disk (a file, a folder, big_vision's `checkpoint.bv` prefix)."""
+    return isinstance(name, (str, os.PathLike)) and (
+        os.path.isdir(name) or os.path.isfile(name) or os.path.isfile(f"{os.fspath(name)}-LAST"))
 
 
 def config_from(source, name="vit"):
@@ -113,7 +114,7 @@ def create(
     ('vit-hybrid-tiny', (None, 10))
     """
     source = None
-    if _is_checkpoint_path(name_or_config):  # the file names the architecture itself
+    if name_or_config not in presets.ALL_CONFIGS and is_checkpoint_path(name_or_config):  # the file names the architecture itself
         if weights is not None and os.fspath(weights) != os.fspath(name_or_config):
             raise ValueError(f"{name_or_config} is a checkpoint and names the architecture; weights={weights!r} "
                              "would be a second one.")
