@@ -172,3 +172,18 @@ def test_evaluate_and_train_take_big_vision_files(two_tower):
     assert_close(model(bv.images), bv.expected["logits"], 2e-5, "train's model from a two-tower file")
     model = training._model_from(bv.config, 10, None, bv.image_size, bv.params, 0.0)
     assert_close(model(bv.images), bv.expected["logits"], 2e-5, "train's model, --weights")
+
+
+def test_cli_takes_a_tower(two_tower, capsys):
+    """`vit-keras evaluate --model FILE --checkpoint-prefix img` runs; `train --checkpoint-prefix` reaches its config."""
+    from vit_keras import cli
+
+    bv, towers = two_tower
+    assert cli.main(["evaluate", "--model", towers, "--dataset", "digits", "--batch-size", "120"]) == 2
+    assert "checkpoint_prefix='img'" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", towers, "--checkpoint-prefix", "img", "--image-size", "32x48",
+                     "--dataset", "digits", "--batch-size", "120"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["count"] == 360
+    args = cli.parser().parse_args(["train", "--model", towers, "--checkpoint-prefix", "img"])
+    assert cli.train_config(args).checkpoint_prefix == "img"

@@ -117,6 +117,19 @@ def test_hf_folder_names_its_architecture():
     assert_close(features(images), e["features"], 1e-4, "features")
 
 
+def test_hf_vit_model_without_classifier():
+    """`ViTModel` saves its names without "vit."; its pooler (Dense + tanh) is the published files' pre_logits."""
+    folder = FIXTURES / "transformers" / "hf_vit_base"
+    images = np.load(folder / "inputs.npz")["images"]
+    e = np.load(folder / "expected.npz")
+    features = vit_keras.create(str(folder / "model"), include_top=False)
+    assert_close(features(images), e["class_token"], 1e-4, "last_hidden_state[:, 0]")
+    pooled = vit_keras.create(str(folder / "model"), include_top=False, keep_pre_logits=True)
+    assert_close(pooled(images), e["pooler_output"], 1e-4, "pooler_output")
+    with pytest.raises(ValueError, match="has no head"):
+        vit_keras.create(str(folder / "model"))
+
+
 def test_evaluate_and_train_take_timm_and_hf(tmp_path, capsys):
     """The paths of `vit-keras evaluate` / `train --weights`; and one CLI evaluate of the HF folder."""
     images, e = io(HF)

@@ -142,7 +142,7 @@ def build_model(
         path, params = weights
         if classes is None:
             classes = checkpoint.head_classes(params)
-            if classes is None:
+            if classes is None and include_top:
                 raise ValueError(f"{path} has no head: classes=None cannot take its class count; pass classes.")
         if representation_size is None and checkpoint.representation_size(params):
             head_kept = (include_top and pretrained_top and checkpoint.head_classes(params) == classes)
