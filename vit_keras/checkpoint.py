@@ -216,7 +216,7 @@ def select_tower(params, prefix, path="checkpoint"):
         found = towers(params)
         if found and not any(k.startswith("Transformer/") for k in params):
             raise ValueError(
-                f"{path} holds several towers {groups} (a two-tower file, e.g. SigLIP or LiT): "
+                f"{path} holds towers {groups} (a two-tower file, e.g. SigLIP or LiT; a ViT under {found}): "
                 f"pass checkpoint_prefix={found[0]!r} for the image tower."
             )
         return params

@@ -5,7 +5,7 @@ import numbers
 import keras
 import numpy as np
 
-from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead  # noqa: F401
+from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
 from vit_keras.layers.std_conv import standardize_kernel
 
 

@@ -4,7 +4,7 @@ import dataclasses
 import logging
 import os
 
-from vit_keras import checkpoint, presets, sources
+from vit_keras import presets, sources
 from vit_keras.model import build_model
 from vit_keras.preprocessing import preprocess_inputs  # noqa: F401 (part of this module's API)
 from vit_keras.utils import get_imagenet_classes
@@ -114,7 +114,8 @@ def create(
     ('vit-hybrid-tiny', (None, 10))
     """
     source = None
-    if name_or_config not in presets.ALL_CONFIGS and is_checkpoint_path(name_or_config):  # the file names the architecture itself
+    # A checkpoint on disk names the architecture itself.
+    if name_or_config not in presets.ALL_CONFIGS and is_checkpoint_path(name_or_config):
         if weights is not None and os.fspath(weights) != os.fspath(name_or_config):
             raise ValueError(f"{name_or_config} is a checkpoint and names the architecture; weights={weights!r} "
                              "would be a second one.")

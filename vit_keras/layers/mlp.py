@@ -6,7 +6,7 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="vit_keras")
 class Mlp(keras.layers.Layer):
-    """`Dense_0` -> GELU (tanh form, as the original; erf with `gelu_approximate=False`) -> Dropout -> `Dense_1` -> Dropout.
+    """`Dense_0` -> GELU (tanh form; erf with `gelu_approximate=False`) -> Dropout -> `Dense_1` -> Dropout.
 
     The Dense layers run on the tokens flattened to `[batch * tokens, D]`: a
     plain 2-D matmul, which TensorFlow's oneDNN graph rewrite fuses with the
