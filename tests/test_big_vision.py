@@ -188,3 +188,20 @@ def test_cli_takes_a_tower(two_tower, capsys):
     assert result["count"] == 360
     args = cli.parser().parse_args(["train", "--model", towers, "--checkpoint-prefix", "img"])
     assert cli.train_config(args).checkpoint_prefix == "img"
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_r50", "tiny_rti", "tiny_vit_gap"])
+def test_create_reads_the_architecture_from_google_files(name):
+    """create(path): patch, width, blocks, heads, MLP, ResNet stages and width, pooling, all from the file."""
+    from conftest import Case
+
+    case = Case(name)
+    model = vit_keras.create(str(case.params), image_size=case.image_size)
+    c = case.config()
+    emb, enc = model.get_layer("embeddings"), model.get_layer("Transformer")
+    got = (emb.patch_size, emb.hidden_size, enc.num_layers, enc.num_heads, enc.mlp_dim, emb.resnet_layers,
+           emb.resnet_width_factor if emb.resnet_layers is not None else 1, emb.class_token)
+    want = (c["patch_size"], c["hidden_size"], c["num_layers"], c["num_heads"], c["mlp_dim"], c["resnet_layers"],
+            c["resnet_width_factor"], c["classifier"] == "token")
+    assert got == want
+    assert_close(model(case.images), case.expected["logits"], 2e-5, name)
