@@ -81,3 +81,10 @@ def test_big_vision_tensorstore_refuses_integers_in_params(tmp_path):
     (leaf / "0").write_bytes(np.array([3], "<i8").tobytes())
     with pytest.raises(ValueError, match="params/Transformer/step has dtype int64"):
         vit_keras.create(str(folder), image_size=(32, 48))
+
+
+def test_orbax_integers_in_params_refused():
+    pytest.importorskip("orbax.checkpoint", reason="the orbax extra (orbax-checkpoint==0.12.8, tensorstore==0.1.86) "
+                        "is not installed")
+    with pytest.raises(ValueError, match="params/Transformer/step hold int32 values"):
+        vit_keras.create(str(ORBAX / "int_in_params"), image_size=32)
