@@ -39,6 +39,8 @@ def get_config(name_or_config):
     if isinstance(name_or_config, presets.ViTConfig):
         return name_or_config
     config = presets.ALL_CONFIGS.get(name_or_config)
+    if config is None and isinstance(name_or_config, str) and ("/" in name_or_config or os.sep in name_or_config):
+        raise ValueError(f"{name_or_config}: no such checkpoint file or folder (nor a model name).")
     if config is None:
         raise ValueError(f"Unknown model {name_or_config!r}; known: {', '.join(presets.ALL_CONFIGS)}.")
     return config
