@@ -110,6 +110,8 @@ def test_hf_folder_names_its_architecture():
     check_outputs(model, HF)
     # The file itself with its config.json beside it, and a builder given the folder as weights.
     check_outputs(vit_keras.create(str(HF / "model" / "model.safetensors")), HF)
+    # transformers 5's in-memory names (vit.layers.N.attention.q_proj, mlp.fc1): save_file(model.state_dict()).
+    check_outputs(vit_keras.create(str(HF / "model" / "state_dict.safetensors")), HF)
     config = vit_keras.ViTConfig("hf", "hf", 8, 2, 64, 4, 128)
     check_outputs(vit_keras.create(config, weights=str(HF / "model"), classes=10, image_size=(32, 48)), HF)
     images, e = io(HF)
@@ -261,3 +263,19 @@ def test_tflite_keeps_timm_numerics():
     probs = tflite.tflite_predict(blob, (images + 1) * 127.5)
     z = e["logits"] - e["logits"].max(-1, keepdims=True)
     assert_close(probs, np.exp(z) / np.exp(z).sum(-1, keepdims=True), 1e-5, "TFLite probabilities")
+
+
+def test_full_size_timm_r50_hybrid_keys_fit_vit_r50_b16():
+    """Every key of timm's vit_base_r50_s16_384 state_dict (names and shapes written by timm) fits vit_r50_b16."""
+    from vit_keras import checkpoint
+
+    shapes = json.loads((TIMM / "full_size_keys.json").read_text())["vit_base_r50_s16_384"]
+    state = {k: np.full(s, 0.5, "float32") for k, s in shapes.items()}
+    params = sources.translate(state, "timm")
+    model = vit_keras.create("vit_r50_b16", classes=1000, image_size=384, pretrained=False)
+    checkpoint.assign(model, params)  # raises, listing them, on any missing, unused or mis-shaped key
+    assert len(state) == 308
+    last_unit = model.get_layer("embeddings").resnet.stages[2].units[8]  # block3/unit9
+    last_block = model.get_layer("Transformer").blocks[11]
+    for variable in (last_unit.conv3.kernel, last_unit.gn3.scale, last_block.attention.query.kernel):
+        assert np.all(np.asarray(variable) == 0.5), variable.path

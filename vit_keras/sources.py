@@ -183,6 +183,22 @@ _HF = [
     (r"classifier\.weight", "head/kernel", _linear),
     (r"classifier\.bias", "head/bias", _same),
 ]
+# transformers 5 names its modules anew (`vit.layers.N.attention.q_proj`, `mlp.fc1`); `save_pretrained` still
+# writes the names above, but a `save_file(model.state_dict())` has these.
+_HF_LAYERS = r"vit\.layers\.(\d+)\."
+_HF += [
+    *[(_HF_LAYERS + rf"attention\.{p}_proj\.weight", _BLOCK + f"MultiHeadDotProductAttention_1/{n}/kernel", _linear)
+      for p, n in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))],
+    *[(_HF_LAYERS + rf"attention\.{p}_proj\.bias", _BLOCK + f"MultiHeadDotProductAttention_1/{n}/bias", _same)
+      for p, n in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))],
+    *[(_HF_LAYERS + rf"{a}\.{w}", _BLOCK + f"{b}/{v}", _same) for a, b in (
+        ("layernorm_before", "LayerNorm_0"), ("layernorm_after", "LayerNorm_2")) for w, v in (
+        ("weight", "scale"), ("bias", "bias"))],
+    (_HF_LAYERS + r"mlp\.fc1\.weight", _BLOCK + "MlpBlock_3/Dense_0/kernel", _linear),
+    (_HF_LAYERS + r"mlp\.fc1\.bias", _BLOCK + "MlpBlock_3/Dense_0/bias", _same),
+    (_HF_LAYERS + r"mlp\.fc2\.weight", _BLOCK + "MlpBlock_3/Dense_1/kernel", _linear),
+    (_HF_LAYERS + r"mlp\.fc2\.bias", _BLOCK + "MlpBlock_3/Dense_1/bias", _same),
+]
 _TABLES = {"timm": [(re.compile(p + "$"), t, f) for p, t, f in _TIMM],
            "transformers": [(re.compile(p + "$"), t, f) for p, t, f in _HF]}
 
@@ -228,7 +244,7 @@ def _kind_of(keys, path):
         return "transformers"
     if any(k.startswith(("patch_embed.", "blocks.")) for k in keys):
         return "timm"
-    if any(k.startswith(("embeddings.patch_embeddings", "encoder.layer.")) for k in keys):
+    if any(k.startswith(("embeddings.patch_embeddings", "encoder.layer.", "layers.")) for k in keys):
         return "transformers_base"
     groups = sorted({k.split(".")[0] for k in keys})
     raise ValueError(f"{path}: unknown safetensors layout; found top-level names {groups[:12]}. Known: timm "
