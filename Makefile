@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench bench-deps
+.PHONY: demo test check lint venv clean bench bench-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vit-keras demo --out runs/demo
 
-test: $(STAMP)
+# Everything (CI runs this): the linter, then the whole suite.
+test: lint
 	$(PY) -m pytest -q
+
+# The fast lane: the linter and the tests not marked slow (no training, export or subprocess).
+check: lint
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # Inference benchmark against timm and the older vit-keras (benchmarks/inference.py).
 # The old vit-keras has our import name, so it goes into a folder of its own.

@@ -15,9 +15,23 @@ import pytest  # noqa: E402
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
 
 # Scripts that tests run in subprocesses; importing them (--doctest-modules) would run them.
-collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "recipe_run.py",
+collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "recipe_run.py", "trained_files_run.py",
                   "upstream_multi_worker.py"]
 CASES = ["tiny_vit", "tiny_r50", "tiny_r50_posemb", "tiny_vit_gap", "tiny_rti"]
+
+# Modules that train, export, start processes or build full-size models: `make check` (the fast
+# lane, `-m "not slow"`) leaves them to `make test`.
+SLOW_MODULES = {
+    "test_backends", "test_bad_inputs_training", "test_distributed", "test_evaluate", "test_export",
+    "test_full_size", "test_hostile_serving_round2", "test_hostile_training_round2", "test_notebooks", "test_onnx",
+    "test_published", "test_readme", "test_tflite", "test_trained_files", "test_training", "test_visualize",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 class Case:

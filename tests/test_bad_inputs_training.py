@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import stat
+import zipfile
 
 import h5py
 import keras
@@ -21,8 +22,9 @@ RUN_FILES = ("model.keras", "metrics.json", "best.keras", "last.keras", "best.js
 
 
 def snapshot(folder):
-    """Bytes and modification time of each file directly in `folder`."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
+    """Bytes and modification time of each file directly in `folder` (not the lock a run holds there)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()
+            if p.is_file() and p.name != training.LOCK_FILE}
 
 
 def mode(path):
@@ -170,7 +172,8 @@ def test_diverging_run_keeps_the_last_good_backup(tmp_path, caplog):
     backup = out / "backup"
     state = json.loads((backup / "state.json").read_text())
     assert state["step"] == kept < failed
-    with h5py.File(backup / "state.weights.h5", "r") as f:
+    with zipfile.ZipFile(backup / state["weights"]) as archive, archive.open("model.weights.h5") as h5:
+        f = h5py.File(h5, "r")
         arrays = []
         f.visititems(lambda name, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
     floats = [a for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)]

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "vit_keras"
 # level) only modules of earlier levels. Functions import later ones lazily where they must.
 LEVELS = [
     {"preprocessing", "presets", "files", "download"},
-    {"layers"},
+    {"layers", "optimizers"},
     {"checkpoint", "sources"},
     {"model", "utils"},
     {"vit", "features", "predict"},

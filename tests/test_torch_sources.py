@@ -142,7 +142,9 @@ def test_evaluate_and_train_take_timm_and_hf(tmp_path, capsys):
     timages, te = io(folder)
     model = training._model_from(VIT, 10, None, (32, 48), str(folder / "model.safetensors"), 0.0)
     assert_close(model(timages), te["logits"], 1e-4, "train --weights model.safetensors")
-    assert cli.main(["evaluate", "--model", str(HF / "model"), "--dataset", "digits", "--batch-size", "120"]) == 0
+    # Its head names the classes "zero".."nine" (config.json's id2label), digits "0".."9": scored by position.
+    assert cli.main(["evaluate", "--model", str(HF / "model"), "--dataset", "digits", "--batch-size", "120",
+                     "--label-map", "position"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["count"] == 360 and result["image_size"] in ([32, 48], "32x48", (32, 48))
 

@@ -16,7 +16,7 @@ PyTorch backends.
 
 import importlib
 
-from vit_keras import layers, presets, utils, vit
+from vit_keras import layers, optimizers, presets, utils, vit  # optimizers: registered for .keras files
 from vit_keras.checkpoint import load_npz
 from vit_keras.features import features_model
 from vit_keras.model import attention_model, build_model, float32_copy, fold_weight_standardization

@@ -394,13 +394,29 @@ def _describe(items):
     return [f"    {item}" for item in sorted(items)]
 
 
+def _embeddings_of(model, source):
+    """The model's `Embeddings` layer; ValueError for a model this loader cannot fill right."""
+    try:
+        layer = model.get_layer("embeddings")
+    except (ValueError, AttributeError):
+        layer = None
+    if not isinstance(layer, Embeddings):
+        raise ValueError(f"Cannot load {source} into {getattr(model, 'name', model)!r}: it is not a model of "
+                         "this package (build it with vit_keras.create, a vit_* builder or build_model).")
+    # A folded copy stores standardised kernels: the checkpoint's raw ones would skip the standardisation.
+    if layer.prestandardized:
+        raise ValueError(f"Cannot load {source} into {model.name!r}: its ResNet kernels are folded "
+                         "(fold_weight_standardization, an inference copy). Load into the model first, then fold.")
+    return layer
+
+
 def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="checkpoint"):
     """Assigns canonical checkpoint `params` (from `read`) to a model of this package.
 
     See `load_npz` for what is resized, re-initialised, dropped or refused.
     """
+    embeddings = _embeddings_of(model, source)
     targets = checkpoint_variables(model)
-    embeddings = next(layer for _, layer in targets.values() if isinstance(layer, Embeddings))
     has_top = any(k.startswith("head/") for k in targets)
     has_pre_logits = any(k.startswith("pre_logits/") for k in targets)
     head_fits = has_top and pretrained_top and any(k.startswith("head/") for k in params) and all(

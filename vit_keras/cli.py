@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from vit_keras import data, distribute, presets, serving, training, visualize
+from vit_keras import data, distribute, files, presets, serving, training, visualize
 from vit_keras.serving.folders import _check_name_and_version
 
 
@@ -143,14 +143,19 @@ def run_attention(model, images, out, head_fusion="mean", discard_ratio=0.0):
 
 def run_evaluate(args):
     """`vit-keras evaluate`: prints the result as JSON (and writes it with --json)."""
-    from vit_keras import evaluate, files
+    from vit_keras import evaluate
 
+    evaluate.check_json_path(args.json)  # before the evaluation, not after it
     result = evaluate.evaluate(args.model, args.dataset, weights=args.weights, image_size=args.image_size,
                                split=args.split, batch_size=args.batch_size, data_dir=args.data_dir,
-                               download=args.download, checkpoint_prefix=args.checkpoint_prefix)
+                               download=args.download, label_map=args.label_map,
+                               checkpoint_prefix=args.checkpoint_prefix)
+    print(json.dumps(result), flush=True)  # first: a failed write below loses nothing
     if args.json:
-        files.atomic_write_json(result, args.json)
-    print(json.dumps(result))
+        try:
+            files.atomic_write_json(result, args.json)
+        except OSError as e:
+            raise files.write_error(e, args.json) from None
     return result
 
 
@@ -222,6 +227,8 @@ def parser():
     eval_p.add_argument("--data-dir", default=None, help="TFDS data directory")
     eval_p.add_argument("--download", action="store_true", help="let TFDS download and prepare the dataset")
     eval_p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    eval_p.add_argument("--label-map", choices=("names", "position"), default="names",
+                        help="names: the model's class names must be the dataset's; position: class i is class i")
     eval_p.add_argument("--checkpoint-prefix", default=None,
                         help="the tower of a two-tower checkpoint (SigLIP/LiT: img)")
     demo_p = sub.add_parser("demo", help="train a small hybrid ViT on the built-in digits (2-core CPU)")
@@ -242,6 +249,7 @@ def main(argv=None):
         return _in_tensorflow_process(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    files.raise_on_sigterm()  # SIGTERM unwinds: temporary files and folders are removed on the way out
     try:
         if args.command == "train":
             _print_metrics(training.train(train_config(args)).metrics, args.out)
@@ -257,6 +265,9 @@ def main(argv=None):
             demo(args.out, args.epochs)
     except (ValueError, FileExistsError, ConnectionError, ImportError) as e:  # a failed download; a missing extra
         print(f"vit-keras: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("vit-keras: error: out of memory; use a smaller --batch-size or --image-size.", file=sys.stderr)
         return 2
     return 0
 

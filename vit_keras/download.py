@@ -99,7 +99,12 @@ def fetch(url, sha256=None, check=None, timeout=TIMEOUT, retries=RETRIES):
         except ValueError as e:
             logger.warning("Cached %s is corrupt (%s); fetching %s again.", final, _reason(e), url)
             os.remove(final)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
+    cache = os.path.dirname(final)
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError as e:  # KERAS_HOME names a file, a read-only folder, ...
+        raise DownloadError(f"Cannot create the download cache {cache} for {url}: {e.strerror or e} "
+                            "(the cache is under KERAS_HOME, default ~/.keras).") from None
     errors = []
     for attempt in range(1 + retries):
         tmp = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(final))

@@ -6,8 +6,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vit_keras import data, presets
+from vit_keras import data, files, presets
 from vit_keras import vit
+from vit_keras.model import class_names
 from vit_keras.preprocessing import MEAN, STD, preprocess_inputs
 
 
@@ -21,9 +22,7 @@ def load_model(model, weights=None, image_size=None, checkpoint_prefix=None):
     if isinstance(model, keras.Model):
         return model
     if isinstance(model, str) and model.endswith(".keras"):
-        if not os.path.isfile(model):
-            raise ValueError(f"{model}: no such .keras file.")
-        return keras.saving.load_model(model)
+        return files.load_keras(model)  # one line for a missing file or an unknown layer
     if vit.is_checkpoint_path(model):  # a checkpoint that names its architecture
         return vit.create(model, weights=weights, classes=None, image_size=image_size,
                           checkpoint_prefix=checkpoint_prefix)
@@ -46,8 +45,40 @@ def _preset(model, weights, image_size):
     return presets.find_preset(model, weights, image_size) if weights in presets.WEIGHT_NAMES else None
 
 
+LABEL_MAPS = ("names", "position")
+
+
+def check_labels(model_names, dataset_names, dataset, label_map="names"):
+    """ValueError unless the model's class names are the dataset's, in order (or `label_map="position"`).
+
+    A model without names (or with the default "0".."C-1") is taken by position.
+    """
+    if label_map not in LABEL_MAPS:
+        raise ValueError(f"Unknown label_map {label_map!r}; use one of {LABEL_MAPS}.")
+    if label_map == "position" or not model_names or list(model_names) == list(dataset_names):
+        return
+    if sorted(model_names) == sorted(dataset_names):
+        problem = "the same class names in another order"
+    else:
+        differ = [f"{m!r} vs {d!r}" for m, d in zip(model_names, dataset_names) if m != d]
+        problem = f"other class names ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''})"
+    raise ValueError(f"The model's head has {problem} than {dataset}; its accuracy would be meaningless. Pass "
+                     "--label-map position (label_map='position') to score class i of the model as class i "
+                     "of the dataset.")
+
+
+def check_json_path(path):
+    """Makes the folder of a `--json` file; ValueError if the path is a folder or cannot be written."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path} is a folder; give a file name (e.g. {os.path.join(path, 'eval.json')}).")
+    parent = os.path.dirname(os.path.abspath(path))
+    files.output_folder(parent)
+
+
 def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_size=32,
-             data_dir=None, download=False, verbose=1, checkpoint_prefix=None):
+             data_dir=None, download=False, verbose=1, label_map="names", checkpoint_prefix=None):
     """Top-1 and top-5 accuracy of `model` on a split of `dataset`.
 
     Preprocessing is the original's evaluation: decode, resize to the model's
@@ -67,6 +98,9 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
         data_dir: str or None. TFDS data directory. Defaults to None.
         download: bool. Let TFDS download the dataset. Defaults to False.
         verbose: int. 1 shows a progress bar. Defaults to 1.
+        label_map: str. "names": the model's class names must be the
+            dataset's (a ValueError says how they differ); "position": class
+            i of the model is class i of the dataset. Defaults to "names".
         checkpoint_prefix: str or None. The tower of a two-tower file ("img").
             Defaults to None.
 
@@ -77,7 +111,10 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if split not in data.SPLITS:
         raise ValueError(f"Unknown split {split!r}; use one of {data.SPLITS}.")
+    if label_map not in LABEL_MAPS:
+        raise ValueError(f"Unknown label_map {label_map!r}; use one of {LABEL_MAPS}.")
     preset = _preset(model, weights, image_size)
+    model_arg = model
     mean, std = (preset.mean, preset.std) if preset else (MEAN, STD)
     model = load_model(model, weights, image_size, checkpoint_prefix)
     splits = data.load(dataset, data_dir=data_dir, download=download, tf_data=True)  # on any backend
@@ -85,6 +122,8 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     if classes != len(splits.class_names):
         raise ValueError(f"Model {model.name!r} has {classes} outputs but {dataset} has "
                          f"{len(splits.class_names)} classes.")
+    if not (isinstance(model_arg, str) and model_arg in presets.CONFIGS):  # a builder's head: ImageNet's names
+        check_labels(class_names(model), splits.class_names, dataset, label_map)
     height, width = model.input_shape[1:3]
 
     def prepare(image, label):

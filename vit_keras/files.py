@@ -1,7 +1,10 @@
 """Files written safely: atomic JSON, modes that follow the umask, output folders, `.keras` loading with clear errors."""
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
 
 
@@ -64,6 +67,11 @@ def load_keras(path):
     try:
         return keras.saving.load_model(path)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the file
+        unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", str(e))
+        if unknown:  # Keras's first line is generic advice; the class is what the user needs
+            raise ValueError(f"cannot load the model {path}: Could not locate class '{unknown.group(1)}' (a "
+                             "class of the program that wrote it: import the code that registers it "
+                             "first).") from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise ValueError(f"cannot load the model {path}: {lines[0] if lines else type(e).__name__}") from None
 
@@ -78,3 +86,200 @@ def output_folder(out):
         raise ValueError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"the output folder {out} is not writable.")
+
+
+class FolderInUse(ValueError):
+    """Another process holds the lock of an output folder."""
+
+
+class FolderLock:
+    """An exclusive, non-blocking `flock` on an output folder, held while a command writes there.
+
+    The lock file is `lock_path`; it is removed on release (while still
+    locked, and a process that locked a file already removed tries again, so
+    two processes never both hold "the" lock). The kernel releases the lock
+    when the process ends, also on SIGKILL, so a killed run never blocks the
+    next one (its empty lock file stays until then). The process holding it
+    may take it again (nested); another process gets `FolderInUse`.
+
+    Args:
+        lock_path: str. The lock file to create (its folder must exist).
+        what: str. What is locked, for the error message.
+
+    Example:
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with FolderLock(os.path.join(folder, ".lock"), folder) as lock:
+    ...     open(lock.lock_path).read() == str(os.getpid())  # the holder, for the error others get
+    True
+    >>> os.listdir(folder)
+    []
+    """
+
+    _held = {}  # lock file -> [fd, count]: a process may take its own lock again (nested exports)
+
+    def __init__(self, lock_path, what):
+        self.lock_path = os.path.abspath(lock_path)
+        self.what = what
+        self.fd = None
+
+    def acquire(self):
+        held = FolderLock._held.get(self.lock_path)
+        if held is not None:
+            held[1] += 1
+            self.fd = held[0]
+            return self
+        while self.fd is None:
+            self.fd = self._try_lock()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        FolderLock._held[self.lock_path] = [self.fd, 1]
+        return self
+
+    def _try_lock(self):
+        """The locked descriptor of the file now at `lock_path`, or None if it was removed meanwhile."""
+        import fcntl
+
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        except OSError as e:
+            raise ValueError(f"cannot use {self.what}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise FolderInUse(f"{self.what} is in use by another vit-keras process (pid {owner}); wait for "
+                              "it to finish or choose another folder.") from None
+        try:
+            same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it between our open and our lock: take the new one
+            os.close(fd)
+            return None
+        return fd
+
+    def release(self):
+        if self.fd is None:
+            return
+        held = FolderLock._held[self.lock_path]
+        held[1] -= 1
+        if not held[1]:
+            del FolderLock._held[self.lock_path]
+            with contextlib.suppress(OSError):
+                os.remove(self.lock_path)  # still locked: nobody holds the path's next file yet
+            os.close(self.fd)  # closing the descriptor releases the flock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_beside(path, what=None):
+    """A `FolderLock` for an output `path` that we replace as a whole: `.<name>.lock` in its parent."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder {parent}: {e.strerror or e}") from None
+    return FolderLock(os.path.join(parent, f".{name}.lock"), what or path)
+
+
+# Temporary folders and files of ours carry the pid of the process that made them, so that a
+# later run can remove those of processes that died (SIGKILL, power loss) and nothing else.
+TEMP_PREFIX = ".tmp-vit_keras-"
+
+
+def temp_prefix(prefix=TEMP_PREFIX):
+    """`prefix` + this process's pid + '-': the start of a `mkdtemp`/`mkstemp` name that `sweep` recognises."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep(folder, prefix=TEMP_PREFIX):
+    """Removes the temporaries of ours in `folder` whose process is gone; returns their paths.
+
+    Only names `prefix<pid>-...` count, and only where no process `<pid>` runs.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def raise_on_sigterm():
+    """Turns SIGTERM into `SystemExit(143)` in the main thread, so `finally` blocks remove temporaries.
+
+    Returns the previous handler (None off the main thread, where nothing changes).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+class OutputError(ValueError):
+    """A file could not be written (full disk, file-size limit, read-only folder); nothing was replaced."""
+
+
+def check_room(folder, nbytes, path):
+    """OutputError unless `nbytes` fit on the disk of `folder` and under this process's file-size limit.
+
+    Checked before writing, so that a library that writes in place (h5py)
+    never meets a full disk halfway through a file.
+    """
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and nbytes > limit:
+        raise OutputError(f"cannot write {path}: it needs about {nbytes / 1e6:.1f} MB, above this process's "
+                          f"file-size limit of {limit / 1e6:.1f} MB (ulimit -f).")
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes + (1 << 20):
+        raise OutputError(f"cannot write {path}: it needs about {nbytes / 1e6:.1f} MB and its disk has "
+                          f"{free / 1e6:.1f} MB free.")
+
+
+def write_error(error, path=None):
+    """An `OutputError` from an `OSError` of a write: one line naming the file and the reason."""
+    where = getattr(error, "filename", None) or path or "a file"
+    return OutputError(f"cannot write {where}: {getattr(error, 'strerror', None) or error}.")

@@ -1,19 +1,46 @@
 """Assembles the Vision Transformer with the functional API."""
 
 import numbers
+import os
 
 import keras
 import numpy as np
 
 from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
 from vit_keras.layers.std_conv import standardize_kernel
+from vit_keras.presets import check_architecture
 
 
 def _image_shape(image_size):
-    if isinstance(image_size, numbers.Integral):
-        return int(image_size), int(image_size)
-    h, w = image_size
-    return int(h), int(w)
+    sizes = (image_size,) if isinstance(image_size, numbers.Number) else tuple(image_size)
+    if (len(sizes) not in (1, 2) or
+            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in sizes)):
+        raise ValueError(f"image_size must be a positive integer or a (height, width) pair of them, "
+                         f"got {image_size!r}.")
+    return (int(sizes[0]),) * 2 if len(sizes) == 1 else (int(sizes[0]), int(sizes[1]))
+
+
+def _memory_bytes():
+    """This machine's physical memory in bytes (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_memory(grid, hidden_size, classifier, size):
+    """ValueError when one image at `size` cannot fit: its position embedding or one attention map.
+
+    Checked before any variable is made, so an absurd `image_size` is one line
+    rather than an allocator's crash.
+    """
+    memory = _memory_bytes()
+    tokens = grid[0] * grid[1] + (classifier in ("token", "token_unpooled"))
+    need = max(tokens * hidden_size, tokens * tokens) * 4  # float32 bytes
+    if memory and need > memory:
+        raise ValueError(f"image_size {size[0]}x{size[1]} gives {tokens:,} tokens: one image needs "
+                         f"{need / 2**30:,.0f} GiB for its position embedding or one attention map, more than "
+                         f"this machine's {memory / 2**30:,.0f} GiB. Use a smaller image_size.")
 
 
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled", "map")
@@ -123,6 +150,11 @@ def build_model(
     """
     if classifier not in CLASSIFIERS:
         raise ValueError(f"Unknown classifier {classifier!r}; use one of {CLASSIFIERS}.")
+    check_architecture(patch_size, num_layers, hidden_size, num_heads, mlp_dim, dropout, attention_dropout,
+                       representation_size, resnet_layers, resnet_width_factor)
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, numbers.Integral)
+                                or classes < 1):
+        raise ValueError(f"classes must be a positive integer (or None with weights), got {classes!r}.")
     if classes is None and weights is None:
         raise ValueError("classes=None takes the checkpoint's head classes: it needs weights.")
     height, width = _image_shape(image_size)
@@ -161,7 +193,7 @@ def build_model(
         gn_epsilon=numerics["gn_epsilon"],
         name="embeddings",
     )
-    embeddings.grid_size((height, width))  # fails early on an indivisible size
+    _check_memory(embeddings.grid_size((height, width)), hidden_size, classifier, (height, width))
     inputs = keras.Input((height, width, 3), name="image")
     x = embeddings(inputs)
     # Without the weights the attention is fused (flash attention on a GPU); `attention_model` has them.

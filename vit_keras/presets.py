@@ -6,6 +6,7 @@ URL, resolution, head classes, mean/std, sha256, licence).
 """
 
 import dataclasses
+import math
 import numbers
 
 
@@ -72,11 +73,55 @@ class ViTConfig:
     ws_epsilon: float = 1e-5
     gn_epsilon: float = 1e-6
 
+    def __post_init__(self):
+        check_architecture(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                              if f.name in ARCHITECTURE_FIELDS})
+
     def build_args(self):
         """The `build_model` arguments of this architecture (all fields but name and title)."""
         fields = dataclasses.asdict(self)
         del fields["name"], fields["title"]
         return fields
+
+
+ARCHITECTURE_FIELDS = ("patch_size", "num_layers", "hidden_size", "num_heads", "mlp_dim", "dropout",
+                       "attention_dropout", "representation_size", "resnet_layers", "resnet_width_factor")
+
+
+def check_architecture(patch_size, num_layers, hidden_size, num_heads, mlp_dim, dropout=0.0,
+                       attention_dropout=0.0, representation_size=None, resnet_layers=None, resnet_width_factor=1):
+    """ValueError naming the first field that cannot make a model (`ViTConfig` and `build_model` call it).
+
+    >>> check_architecture(16, 12, 768, 7, 3072)
+    Traceback (most recent call last):
+    ...
+    ValueError: hidden_size 768 is not divisible by num_heads 7 (each head gets hidden_size / num_heads).
+    """
+    def count(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+    def share(value):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1
+
+    for field, value in (("patch_size", patch_size), ("num_layers", num_layers), ("hidden_size", hidden_size),
+                         ("num_heads", num_heads), ("mlp_dim", mlp_dim)):
+        if not count(value):
+            raise ValueError(f"{field} must be a positive integer, got {value!r}.")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads} "
+                         "(each head gets hidden_size / num_heads).")
+    for field, value in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+        if not share(value):
+            raise ValueError(f"{field} must be a rate in [0, 1), got {value!r}.")
+    if representation_size is not None and not count(representation_size):
+        raise ValueError(f"representation_size must be a positive integer or None, got {representation_size!r}.")
+    if resnet_layers is not None and (isinstance(resnet_layers, (str, bytes)) or not all(
+            count(n) for n in resnet_layers)):
+        raise ValueError(f"resnet_layers must be a tuple of positive unit counts (or () for the root alone, None "
+                         f"for no ResNet), got {resnet_layers!r}.")
+    if not (isinstance(resnet_width_factor, numbers.Real) and not isinstance(resnet_width_factor, bool)
+            and 0 < resnet_width_factor < 1e3 and math.isfinite(resnet_width_factor)):
+        raise ValueError(f"resnet_width_factor must be a positive number, got {resnet_width_factor!r}.")
 
 
 def _vit(name, title, patch, layers, width, heads, mlp, dropout, **extra):

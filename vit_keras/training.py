@@ -40,10 +40,16 @@ class TrainingDiverged(FloatingPointError, ValueError):
 
 
 def atomic_save(model, path):
-    """Saves a `.keras` file through a temporary file and a rename."""
+    """Saves a `.keras` file through a temporary file and a rename.
+
+    The file is written by Python's `zipfile` (Keras holds the weights in
+    memory first), so a full disk or a file-size limit is an `OSError` here,
+    never a half-written file in place of the old one.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=directory, prefix=".tmp-")
+    files.check_room(directory, _state_bytes(model), path)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=directory, prefix=files.temp_prefix())
     os.close(fd)
     try:
         model.save(tmp)
@@ -51,6 +57,15 @@ def atomic_save(model, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _state_bytes(model):
+    """Bytes of the weights and optimizer variables of `model`: about what its `.keras` file holds."""
+    variables = list(model.weights)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    return sum(int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+               for v in variables)
 
 
 def make_optimizer(name, learning_rate, total_steps, warmup_steps, weight_decay=0.0,
@@ -83,32 +98,48 @@ class ResumableBackup(keras.callbacks.Callback):
     batch; this one records the exact step so `train` resumes mid-epoch.
     """
 
-    def __init__(self, directory, every):
+    def __init__(self, directory, every, settings=None):
         super().__init__()
         self.directory = directory
         self.every = every
+        self.settings = settings  # what the run was made with (`run_settings`), recorded in state.json
         self.step, self.elapsed = 0, 0.0  # restored by `restore`
         self.saved = 0  # the step of the backup on disk
         self.run = uuid.uuid4().hex  # one id for a run and all its resumptions
         self.started = time.time()
 
+    # Weights and optimizer state: a .keras archive (written through zipfile, so a full disk is a
+    # clean OSError); backups of earlier versions are `state.weights.h5`, read as before.
+    WEIGHTS_FILES = ("state.keras", "state.weights.h5")
+
     @property
     def weights_path(self):
-        return os.path.join(self.directory, "state.weights.h5")
+        return os.path.join(self.directory, self.WEIGHTS_FILES[0])
 
     @property
     def state_path(self):
         return os.path.join(self.directory, "state.json")
 
+    def state(self):
+        """The backup's state.json as a dict, or None without a backup."""
+        if not os.path.exists(self.state_path):
+            return None
+        try:
+            with open(self.state_path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the backup {self.state_path} is unreadable ({e}); pass --overwrite to start "
+                             "over.") from None
+
     def restore(self, model):
         """Loads a backup into `model` and returns `(step, elapsed seconds)`."""
-        if not os.path.exists(self.state_path):
+        state = self.state()
+        if state is None:
             return 0, 0.0
-        with open(self.state_path) as f:
-            state = json.load(f)
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(self.weights_path)
+        name = state.get("weights", self.WEIGHTS_FILES[1])  # backups without the key are .weights.h5
+        model.load_weights(os.path.join(self.directory, name))
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.saved, self.run = self.step, state.get("run")
         self.started = time.time()
@@ -125,11 +156,11 @@ class ResumableBackup(keras.callbacks.Callback):
 
     def save(self):
         os.makedirs(self.directory, exist_ok=True)
-        tmp = os.path.join(self.directory, ".tmp.weights.h5")
-        self.model.save_weights(tmp, overwrite=True)
-        os.replace(tmp, self.weights_path)  # the weights first: a state file never points ahead
+        atomic_save(self.model, self.weights_path)  # the weights first: a state file never points ahead
         elapsed = self.elapsed + time.time() - self.started
-        atomic_write_json({"step": self.step, "elapsed": elapsed, "run": self.run}, self.state_path)
+        state = {"step": self.step, "elapsed": elapsed, "run": self.run,
+                 "weights": os.path.basename(self.weights_path), "settings": self.settings}
+        atomic_write_json(state, self.state_path)
         self.saved = self.step
 
 
@@ -246,6 +277,60 @@ def _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, w
                              f"0 < min <= max <= 1, got {crop_area!r}.")
 
 
+# TrainConfig fields a resumed run may change: where and how it runs, not what it computes.
+RESUME_MAY_CHANGE = ("out", "overwrite", "verbose", "backup_every", "download", "data_dir", "jit_compile",
+                     "strategy")
+
+
+def run_settings(config, splits):
+    """What a backup records of its run: the fields that decide the steps, and the data's shape.
+
+    A run resumes only under the same settings (`check_resume`).
+    """
+    settings = {}
+    for field in dataclasses.fields(config):
+        if field.name in RESUME_MAY_CHANGE:
+            continue
+        value = getattr(config, field.name)
+        if field.name == "dataset" and isinstance(value, str) and os.path.isdir(value):
+            value = os.path.abspath(value)  # a folder, wherever the command runs from
+        if field.name == "model" and isinstance(value, str) and value.endswith(".keras"):
+            value = os.path.abspath(value)
+        settings[field.name] = json.loads(json.dumps(value, default=str))  # tuples as lists, as in JSON
+    settings["class_names"] = list(splits.class_names)
+    settings["train_images"] = int(splits.num_train)
+    return settings
+
+
+def check_resume(backup, settings, out, overwrite):
+    """Whether to resume `backup`: True if made with `settings`; a mismatch is refused, or started over.
+
+    A backup of an earlier version (without settings) resumes as before.
+    """
+    state = backup.state()
+    if state is None:
+        return False
+    recorded = state.get("settings")
+    if recorded is None:
+        return True
+    changed = [k for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
+    if not changed:
+        return True
+    if overwrite:
+        logger.warning("Starting over in %s (overwrite): its backup (step %d) was made with other settings "
+                       "(%s).", out, state.get("step", 0), ", ".join(changed))
+        shutil.rmtree(backup.directory)
+        return False
+
+    def show(value):
+        text = json.dumps(value)
+        return text if len(text) <= 100 else f"{text[:40]}...{text[-50:]}"
+
+    diff = "; ".join(f"{k} {show(settings.get(k))} (backup: {show(recorded.get(k))})" for k in changed)
+    raise ValueError(f"{out} holds a backup at step {state.get('step', 0)} of a run with other settings: {diff}. "
+                     "Resume with the backup's settings, or pass --overwrite (overwrite=True) to start over.")
+
+
 def _finished_run(out_dir):
     """The files of a completed run in `out_dir`; none where a backup is there to resume."""
     if os.path.exists(os.path.join(out_dir, "backup", "state.json")):
@@ -256,11 +341,12 @@ def _finished_run(out_dir):
 def _model_from(spec, num_classes, class_names, image_size, weights, dropout, checkpoint_prefix=None):
     """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
-        model = keras.saving.load_model(spec)
+        model = files.load_keras(spec)
         if model.output_shape[-1] != num_classes:
             raise ValueError(
                 f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
             )
+        _rename_classes(model, class_names, spec)
         return model
     from vit_keras import vit
 
@@ -275,6 +361,42 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout, ch
     # image_size None: the published checkpoint's resolution, else 224 (as `create`).
     return vit.create(spec, weights=weights, classes=num_classes, image_size=image_size,
                       class_names=class_names, dropout=dropout, checkpoint_prefix=checkpoint_prefix)
+
+
+def _rename_classes(model, class_names, source):
+    """Fine-tuning on other classes of the same count: the head takes the dataset's names (a warning says so)."""
+    from vit_keras.model import class_names as model_class_names
+
+    old = model_class_names(model)
+    if old is None or list(old) == list(class_names):
+        return
+    logger.warning("%s was trained on other classes (%s); its head now takes the names of this dataset (%s).",
+                   source, _short(old), _short(class_names))
+    model.get_layer("head").class_names = [str(name) for name in class_names]
+
+
+def _short(names, most=4):
+    names = [str(n) for n in names]
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def _check_numbers(c):
+    """The float fields: finite and within their meaning (a share is in [0, 1), a clip norm positive)."""
+    def real(value):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+
+    checks = (
+        ("weight_decay", c.weight_decay, real(c.weight_decay) and c.weight_decay >= 0, "a finite number >= 0"),
+        ("clipnorm", c.clipnorm, real(c.clipnorm) and c.clipnorm > 0, "a finite number > 0"),
+        ("label_smoothing", c.label_smoothing, real(c.label_smoothing) and 0 <= c.label_smoothing < 1,
+         "in [0, 1)"),
+        ("dropout", c.dropout, c.dropout is None or (real(c.dropout) and 0 <= c.dropout < 1), "in [0, 1)"),
+        ("seed", c.seed, isinstance(c.seed, numbers.Integral) and not isinstance(c.seed, bool)
+         and 0 <= c.seed < 2**32, "an integer in [0, 2**32)"),
+    )
+    for name, value, ok, meaning in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {meaning}, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,54 +500,82 @@ def train(config=None, **overrides):
         `out/metrics.json`, and the trained model.
     """
     config = dataclasses.replace(config or TrainConfig(), **overrides)
-    return _run(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    return _run(config)
 
 
-def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_dir, download, optimizer,
-         learning_rate, weight_decay, warmup_steps, grad_accum, clipnorm, label_smoothing, dropout,
-         randaugment, mixup, cutmix, crop_area, strategy, precision, jit_compile, seed, backup_every,
-         overwrite, verbose, checkpoint_prefix=None):
-    """One run of `train`, from the fields of its `TrainConfig`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}; use one of {PRECISIONS}.")
-    _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, warmup_steps,
-                     learning_rate, crop_area)
-    keras.utils.set_random_seed(seed)
-    backend = keras.backend.backend()
-    if backend == "jax":
-        jit_compile = True  # JAX without jit runs op by op, tens of times slower
-    dist = distribute.get_strategy(strategy)
-    if isinstance(dist, distribute.KerasDistribution) and batch_size % dist.num_replicas_in_sync:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {dist.num_replicas_in_sync} "
-                         f"replicas of strategy {strategy!r}.")
-    is_chief = distribute.is_chief(dist)
-    # Only the chief writes to `out`; other workers write to a scratch folder.
-    out_dir = out if is_chief else os.path.join(out, f".worker-{distribute.task_id()}")
-    finished = _finished_run(out_dir)
-    if finished and not overwrite:
-        raise FileExistsError(
-            f"{out} holds a finished run ({', '.join(finished)}); pass --overwrite "
-            "(overwrite=True) to train again there, or choose another output folder."
-        )
-    splits = data_lib.load(dataset, data_dir=data_dir, download=download)
-    os.makedirs(out_dir, exist_ok=True)
+# In `out`: held (flock) by the process training there; another one is refused.
+LOCK_FILE = ".lock"
+
+
+def _run(c):
+    """One run of `train` for the `TrainConfig` `c`, in named steps: validate, place, data, then
+    under the lock of the output folder: model, fit, finish."""
+    _validate(c)
+    keras.utils.set_random_seed(c.seed)
+    dist, out_dir = _place(c)
+    if _finished_run(out_dir) and not c.overwrite:
+        raise _finished_error(c.out, out_dir)
+    splits = data_lib.load(c.dataset, data_dir=c.data_dir, download=c.download)
+    files.output_folder(out_dir)
+    with files.FolderLock(os.path.join(out_dir, LOCK_FILE), f"the output folder {c.out}"):
+        finished = _finished_run(out_dir)  # again, now that no other run writes there
+        if finished and not c.overwrite:
+            raise _finished_error(c.out, out_dir)
+        try:
+            return _fit(c, dist, out_dir, splits, finished)
+        except (OSError, files.OutputError) as e:  # a full disk, a file-size limit: one line, backup kept
+            state = os.path.join(out_dir, "backup", "state.json")
+            kept = (f" The last backup ({state}) is kept: run again with the same settings to resume."
+                    if os.path.exists(state) else "")
+            error = e if isinstance(e, files.OutputError) else files.write_error(e, out_dir)
+            raise files.OutputError(f"{str(error).rstrip('.')}.{kept}") from None
+
+
+def _validate(c):
+    """ValueError for settings that cannot train, before anything is read or written."""
+    if c.precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {c.precision!r}; use one of {PRECISIONS}.")
+    if c.optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {c.optimizer!r}; use one of {OPTIMIZERS}.")
+    _check_arguments(c.epochs, c.batch_size, c.image_size, c.grad_accum, c.backup_every, c.warmup_steps,
+                     c.learning_rate, c.crop_area)
+    _check_numbers(c)
+    if isinstance(c.model, str) and c.model.endswith(".keras"):
+        given = [f"--{name.replace('_', '-')}" for name in ("weights", "dropout") if getattr(c, name) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} cannot apply to {c.model}: a .keras model keeps its "
+                             "weights and dropout (leave them out, or start from a builder name).")
+
+
+def _place(c):
+    """The distribution strategy and the folder this process writes to (only the chief writes to `out`)."""
+    dist = distribute.get_strategy(c.strategy)
+    if isinstance(dist, distribute.KerasDistribution) and c.batch_size % dist.num_replicas_in_sync:
+        raise ValueError(f"batch_size {c.batch_size} is not divisible by the {dist.num_replicas_in_sync} "
+                         f"replicas of strategy {c.strategy!r}.")
+    out_dir = c.out if distribute.is_chief(dist) else os.path.join(c.out, f".worker-{distribute.task_id()}")
+    return dist, out_dir
+
+
+def _finished_error(out, out_dir):
+    return FileExistsError(f"{out} holds a finished run ({', '.join(_finished_run(out_dir))}); pass "
+                           "--overwrite (overwrite=True) to train again there, or choose another output folder.")
+
+
+def _compiled_model(c, dist, splits, total_steps, jit_compile):
+    """The model to train (`_model_from`), compiled with the recipe's optimizer, loss and metrics."""
     num_classes = len(splits.class_names)
-    steps_per_epoch = splits.num_train // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} exceeds the {splits.num_train} training images.")
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = warmup_steps if warmup_steps is not None else max(1, total_steps // 20)
-
+    warmup_steps = c.warmup_steps if c.warmup_steps is not None else max(1, total_steps // 20)
     previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
+    keras.config.set_dtype_policy(c.precision)
     try:
         with dist.scope():
-            net = _model_from(model, num_classes, splits.class_names, image_size, weights, dropout,
-                              checkpoint_prefix)
+            net = _model_from(c.model, num_classes, splits.class_names, c.image_size, c.weights, c.dropout,
+                              c.checkpoint_prefix)
             net.compile(
-                optimizer=make_optimizer(optimizer, learning_rate, total_steps, warmup_steps,
-                                         weight_decay, grad_accum, clipnorm),
-                loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing),
+                optimizer=make_optimizer(c.optimizer, c.learning_rate, total_steps, warmup_steps,
+                                         c.weight_decay, c.grad_accum, c.clipnorm),
+                loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=c.label_smoothing),
                 metrics=[
                     keras.metrics.CategoricalAccuracy(name="top1"),
                     keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
@@ -434,25 +584,40 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
             )
     finally:
         keras.config.set_dtype_policy(previous_policy)
+    return net
+
+
+def _fit(c, dist, out_dir, splits, finished):
+    """Model, pipelines, `fit` (resuming a backup), test evaluation and the finished files."""
+    backend = keras.backend.backend()
+    jit_compile = True if backend == "jax" else c.jit_compile  # JAX without jit runs op by op
+    backup = ResumableBackup(os.path.join(out_dir, "backup"), 1, run_settings(c, splits))
+    check_resume(backup, backup.settings, c.out, c.overwrite)  # before any model is built
+    num_classes = len(splits.class_names)
+    steps_per_epoch = splits.num_train // c.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {c.batch_size} exceeds the {splits.num_train} training images.")
+    total_steps = c.epochs * steps_per_epoch
+    net = _compiled_model(c, dist, splits, total_steps, jit_compile)
     size = net.input_shape[1:3]
-    pipe = dict(image_size=size, num_classes=num_classes, batch_size=batch_size, seed=seed)
+    pipe = dict(image_size=size, num_classes=num_classes, batch_size=c.batch_size, seed=c.seed)
     train_ds = data_lib.make_pipeline(
         splits.train, training=True, repeat=True, flip=splits.flip,
-        crop_area=crop_area or splits.crop_area, randaugment=randaugment, mixup=mixup,
-        cutmix=cutmix, **pipe,
+        crop_area=c.crop_area or splits.crop_area, randaugment=c.randaugment, mixup=c.mixup,
+        cutmix=c.cutmix, **pipe,
     )
     val_ds = data_lib.make_pipeline(splits.validation, **pipe)
     test_ds = data_lib.make_pipeline(splits.test, **pipe)
 
-    backup = ResumableBackup(os.path.join(out_dir, "backup"), backup_every or steps_per_epoch)
+    backup.every = c.backup_every or steps_per_epoch
     resumed_from = step = backup.restore(net)[0]
     if step:
-        logger.warning("Resuming %s at step %d of %d.", out, step, total_steps)
+        logger.warning("Resuming %s at step %d of %d.", c.out, step, total_steps)
     elif finished:
         logger.warning("Training again in %s (overwrite): its finished run's files are replaced "
-                       "as this run writes its own.", out)
+                       "as this run writes its own.", c.out)
     callbacks = [
-        StopOnNaN(backup, learning_rate),  # first: it checks before anything is written
+        StopOnNaN(backup, c.learning_rate),  # first: it checks before anything is written
         backup,
         BestAndLast(out_dir, run=backup.run),
         # Appended to, also under --overwrite: a rerun that fails must not have cleared the old log.
@@ -463,6 +628,7 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
     else:
         logger.info("No TensorFlow: no TensorBoard logs (log.csv has the metrics).")
     epoch, done_in_epoch = divmod(step, steps_per_epoch)
+    verbose = c.verbose
     if verbose == "auto":  # one line per epoch where no terminal redraws the bar
         verbose = 1 if sys.stdout.isatty() else 2
     fit = dict(validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)  # the pipeline shuffles
@@ -471,27 +637,27 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
             net.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1,
                     steps_per_epoch=steps_per_epoch - done_in_epoch, **fit)
             epoch += 1
-        if epoch < epochs:
-            net.fit(train_ds, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch, **fit)
+        if epoch < c.epochs:
+            net.fit(train_ds, initial_epoch=epoch, epochs=c.epochs, steps_per_epoch=steps_per_epoch, **fit)
         if not _finite(net):  # e.g. a resumed run with nothing left to train
-            raise StopOnNaN(backup, learning_rate).error("the weights are no longer finite numbers",
-                                                         step=backup.step)
+            raise StopOnNaN(backup, c.learning_rate).error("the weights are no longer finite numbers",
+                                                           step=backup.step)
         results = net.evaluate(test_ds, return_dict=True, verbose=0)
     wall = backup.elapsed + time.time() - backup.started
     metrics = {
         "test_top1": float(results["top1"]),
         "test_top5": float(results["top5"]),
         "test_loss": float(results["loss"]),
-        "epochs": epochs,
+        "epochs": c.epochs,
         "steps": backup.step,
         "resumed_from_step": resumed_from,
         "wall_seconds": round(wall, 2),
-        "model": model if isinstance(model, str) else "custom",
-        "dataset": dataset,
+        "model": c.model if isinstance(c.model, str) else "custom",
+        "dataset": c.dataset,
         "image_size": list(size),
-        "batch_size": batch_size,
-        "precision": precision,
-        "strategy": strategy or "default",
+        "batch_size": c.batch_size,
+        "precision": c.precision,
+        "strategy": c.strategy or "default",
         "backend": backend,
         "replicas": dist.num_replicas_in_sync,
         "class_names": splits.class_names,

@@ -56,8 +56,8 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
         dict with `path` (what was written) and, for TFLite, `rows` (the
         parity table, see `tflite.format_parity`) and `dataset`.
     """
-    from vit_keras import data, files
-    from vit_keras.serving import folders, tflite
+    from vit_keras import files
+    from vit_keras.serving import folders
 
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS}.")
@@ -68,7 +68,20 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
         dataset = dataset or recorded_dataset(model)
     if format == "tflite" and dataset is None:
         raise ValueError("TFLite export needs a dataset (--dataset) for calibration and the parity check.")
+    with files.lock_beside(out, f"the export folder {out}"):  # one export at a time into `out`
+        return _export(model, format, out, dataset, name, version, variants, overwrite, calibration, parity,
+                       batch_size, strict_int8, keep)
+
+
+def _export(model, format, out, dataset, name, version, variants, overwrite, calibration, parity, batch_size,
+            strict_int8, keep):
+    from vit_keras import data, files
+    from vit_keras.serving import tflite
+
     net = files.load_keras(model)
+    if len(net.outputs) != 1:
+        raise ValueError(f"{model if keep else net.name} has {len(net.outputs)} outputs; export takes a "
+                         "classifier with one (its logits), such as the files `vit-keras train` writes.")
     try:
         if format == "saved_model":
             from vit_keras.serving.saved_model import export_saved_model

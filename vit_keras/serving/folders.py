@@ -67,35 +67,53 @@ def _atomic_dir(final, overwrite, keep=()):
     """
     _check_target(final, overwrite, keep)
     parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        yield tmp
-        written = _listing(tmp)
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"written_by": "vit-keras export", "files": written}, f, indent=1)
-        files.follow_umask(tmp)
-        if not os.path.lexists(final):
-            os.rename(tmp, final)
-            return
-        _check_replaceable(final, keep)  # again: it may have changed while the export ran
-        trash = tempfile.mkdtemp(prefix=".old-", dir=parent)
-        os.rename(final, os.path.join(trash, "old"))
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder {parent}: {e.strerror or e}") from None
+    with files.lock_beside(final):  # a second export to `final` is refused while this one runs
+        files.sweep(parent)  # temporaries of exports that were killed
+        tmp = tempfile.mkdtemp(prefix=files.temp_prefix(), dir=parent)
         try:
-            os.rename(tmp, final)
+            yield tmp
+            written = _listing(tmp)
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump({"written_by": "vit-keras export", "files": written}, f, indent=1)
+            files.follow_umask(tmp)
+            _publish(tmp, final, overwrite, keep)
         except BaseException:
-            os.rename(os.path.join(trash, "old"), final)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(tmp, final, overwrite, keep):
+    """Renames the finished `tmp` to `final`, replacing an earlier export only with `overwrite`."""
+    parent = os.path.dirname(os.path.abspath(final))
+    if not os.path.lexists(final):
+        try:
+            os.rename(tmp, final)  # fails (ENOTEMPTY) rather than replace a folder that appeared meanwhile
+            return
+        except OSError:
+            if not os.path.lexists(final):
+                raise
+    if not overwrite:
+        raise FileExistsError(f"{final} appeared while this export ran (another process wrote it); pass "
+                              "overwrite=True (--overwrite) to replace it.")
+    _check_replaceable(final, keep)  # again: it may have changed while the export ran
+    trash = tempfile.mkdtemp(prefix=files.temp_prefix(), dir=parent)
+    os.rename(final, os.path.join(trash, "old"))
+    try:
+        os.rename(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(os.path.join(trash, "old"), final)
         raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _check_name_and_version(name, version):
-    if (not isinstance(name, str) or not name.strip() or ".." in name or "\0" in name
+    if (not isinstance(name, str) or not name.strip() or name.strip() == "." or ".." in name or "\0" in name
             or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep))):
         raise ValueError(f"Model name {name!r} must be a plain folder name "
-                         "(no path separators or '..').")
+                         "(not '.', no path separators or '..').")
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
         raise ValueError(f"version must be a positive integer (TF Serving's version folder), got {version!r}.")

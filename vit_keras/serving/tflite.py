@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from vit_keras import files
 from vit_keras.model import attention_model, float32_copy
 from vit_keras.predict import (
     BATCH_SIZE,
@@ -39,6 +40,7 @@ from vit_keras.serving.folders import _atomic_dir, _check_target
 # The variants whose file also has the `attention` signature (float activations).
 ATTENTION_VARIANTS = ("float32", "float16", "dynamic_int8")
 SERVING_KEY = "serving_default"
+TEMP_PREFIX = "vit_keras_tflite_"  # + pid: the SavedModel each conversion starts from, in the temp folder
 ATTENTION_KEY = "attention"
 # The op types that the `int8` file runs in int8 (weights and activations, calibrated ranges):
 # the convolutions and dense layers, nearly all of the FLOPs. Every other op runs in float32
@@ -90,7 +92,8 @@ def _endpoints(model, attention):
 @contextlib.contextmanager
 def _saved_model(model, attention):
     """A temporary SavedModel of the endpoints (what Keras's LiteRT exporter converts from)."""
-    directory = tempfile.mkdtemp(prefix="vit_keras_tflite_")
+    files.sweep(tempfile.gettempdir(), TEMP_PREFIX)  # left by conversions that were killed
+    directory = tempfile.mkdtemp(prefix=files.temp_prefix(TEMP_PREFIX))
     try:
         endpoints, tracked = _endpoints(model, attention)
         archive = keras.export.ExportArchive()
