@@ -175,6 +175,7 @@ def test_evaluate_and_train_take_big_vision_files(two_tower):
     assert_close(model(bv.images), bv.expected["logits"], 2e-5, "train's model, --weights")
 
 
+@pytest.mark.slow  # an export, a full-size model or an evaluation run: left to `make test`
 def test_cli_takes_a_tower(two_tower, capsys):
     """`vit-keras evaluate --model FILE --checkpoint-prefix img` runs; `train --checkpoint-prefix` reaches it."""
     from vit_keras import cli

@@ -132,6 +132,7 @@ def test_hf_vit_model_without_classifier():
         vit_keras.create(str(folder / "model"))
 
 
+@pytest.mark.slow  # an export, a full-size model or an evaluation run: left to `make test`
 def test_evaluate_and_train_take_timm_and_hf(tmp_path, capsys):
     """The paths of `vit-keras evaluate` / `train --weights`; and one CLI evaluate of the HF folder."""
     images, e = io(HF)
@@ -254,6 +255,7 @@ def test_hostile_safetensors(tmp_path, kind, match):
             vit_keras.create(VIT, weights=str(path), classes=10, image_size=(32, 48))
 
 
+@pytest.mark.slow  # an export, a full-size model or an evaluation run: left to `make test`
 def test_tflite_keeps_timm_numerics():
     """The float32 TFLite file of the timm hybrid gives timm's probabilities (serving takes 0..255 pixels)."""
     from vit_keras.serving import tflite
@@ -267,6 +269,7 @@ def test_tflite_keeps_timm_numerics():
     assert_close(probs, np.exp(z) / np.exp(z).sum(-1, keepdims=True), 1e-5, "TFLite probabilities")
 
 
+@pytest.mark.slow  # an export, a full-size model or an evaluation run: left to `make test`
 def test_full_size_timm_r50_hybrid_keys_fit_vit_r50_b16():
     """Every key of timm's vit_base_r50_s16_384 state_dict (names and shapes written by timm) fits vit_r50_b16."""
     from vit_keras import checkpoint
