@@ -17,6 +17,8 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
 # Scripts that tests run in subprocesses; importing them (--doctest-modules) would run them.
 collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "recipe_run.py", "trained_files_run.py",
                   "upstream_multi_worker.py"]
+# The fixtures' generator scripts run timm, transformers or Orbax in venvs of their own.
+collect_ignore_glob = ["fixtures/*/generate.py"]
 CASES = ["tiny_vit", "tiny_r50", "tiny_r50_posemb", "tiny_vit_gap", "tiny_rti"]
 
 # Modules that train, export, start processes or build full-size models: `make check` (the fast

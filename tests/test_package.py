@@ -15,7 +15,7 @@ PACKAGE = ROOT / "vit_keras"
 LEVELS = [
     {"preprocessing", "presets", "files", "download", "console"},
     {"layers", "optimizers"},
-    {"checkpoint"},
+    {"checkpoint", "sources"},
     {"model", "utils"},
     {"vit", "features", "predict"},
     {"data", "distribute", "visualize", "image_check"},

@@ -53,7 +53,7 @@ __version__ = "0.2.0"
 
 # Imported on first use (PEP 562).
 _LAZY = ("checkpoint", "cli", "data", "distribute", "download", "evaluate", "export", "features", "files",
-         "model", "predict", "preprocessing", "serving", "training", "visualize")
+         "model", "predict", "preprocessing", "serving", "sources", "training", "visualize")
 
 
 def __getattr__(name):

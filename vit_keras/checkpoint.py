@@ -64,6 +64,20 @@ def resolve(weights, model=None, image_size=None):
 # ----------------------------------------------------------------------------- reading it safely
 
 
+def ignored_keys(keys):
+    """Keys a loader skips unread: a big_vision training file's optimizer state and counters.
+
+    big_vision's `load_params` takes `params/` when present; `opt/` (bfloat16
+    momentum stored as void `V2`, int32 counts) and `chrono/` (int64 counters)
+    are training state, not the model.
+    """
+    keys = list(keys)
+    if not any(k.startswith("params/") for k in keys):
+        return set()
+    rest = {k for k in keys if not k.startswith("params/")}
+    return rest if all(k.startswith(("opt/", "chrono/")) for k in rest) else set()
+
+
 def _headers(path):
     """{key: (shape, dtype)} from the npy headers of an `.npz`, reading no array data.
 
@@ -81,10 +95,13 @@ def _headers(path):
         )
     found = {}
     with zipfile.ZipFile(path) as archive:
+        skip = ignored_keys(name[: -len(".npy")] for name in archive.namelist())
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
                 raise ValueError(f"{path} is not an .npz checkpoint: it holds {info.filename!r}.")
             key = info.filename[: -len(".npy")]
+            if key in skip:
+                continue
             with archive.open(info) as member:
                 version = np.lib.format.read_magic(member)
                 read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -127,7 +144,8 @@ def read_npz(path):
     check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+            skip = ignored_keys(data.files)
+            return {key: data[key] for key in data.files if key not in skip}
     except _ZIP_ERRORS as e:  # e.g. a bit flipped inside an array: the CRC no longer matches
         raise ValueError(f"{path} is not a readable .npz checkpoint ({e}).") from None
 
@@ -185,9 +203,33 @@ def _squeeze_group_norm(params):
             for k, v in params.items()}
 
 
-def canonical(params, path="checkpoint"):
+def towers(params):
+    """Top-level groups that hold a ViT of their own (`img/Transformer/...`): a two-tower file's towers."""
+    return sorted({k.split("/")[0] for k in params
+                   if "/" in k and k.split("/", 1)[1].startswith(("Transformer/", "embedding/"))})
+
+
+def select_tower(params, prefix, path="checkpoint"):
+    """The subtree `prefix/` of a two-tower file (SigLIP, LiT: `img`, `txt`), or refuses naming the towers."""
+    groups = sorted({k.split("/")[0] for k in params if "/" in k})
+    if prefix is None:
+        found = towers(params)
+        if found and not any(k.startswith("Transformer/") for k in params):
+            raise ValueError(
+                f"{path} holds towers {groups} (a two-tower file, e.g. SigLIP or LiT; a ViT under {found}): "
+                f"pass checkpoint_prefix={found[0]!r} for the image tower."
+            )
+        return params
+    prefix = prefix.strip("/")
+    out = {k[len(prefix) + 1:]: v for k, v in params.items() if k.startswith(prefix + "/")}
+    if not out:
+        raise ValueError(f"{path} has no group {prefix!r} (checkpoint_prefix); its groups: {groups}.")
+    return out
+
+
+def canonical(params, path="checkpoint", prefix=None):
     """Rewrites any known layout into the published names; refuses an unknown one."""
-    params = _strip_prefix(params)
+    params = select_tower(_strip_prefix(params), prefix, path)
     params = _published_names(_root_posemb(_unstack_blocks(params)))
     params = _squeeze_group_norm(params)
     if not any(k.startswith("Transformer/encoderblock_") for k in params):
@@ -207,13 +249,19 @@ class Checkpoint(typing.NamedTuple):
     params: dict
 
 
-def read(path):
+def read(path, prefix=None):
     """Reads a checkpoint file into `{published key: float array}`, validated.
 
     Every array is checked before anything is used: floating point, finite,
     and no bigger than the file; the layout is rewritten to the published names.
+    A training file's `opt/` and `chrono/` are skipped; `prefix` picks a tower.
     """
-    params = canonical(read_npz(path), path)
+    params = canonical(read_npz(path), path, prefix)
+    return check_finite(params, path)
+
+
+def check_finite(params, path):
+    """Refuses arrays with NaN or Inf, naming them."""
     bad = sorted(k for k, v in params.items() if not np.all(np.isfinite(v)))
     if bad:
         raise ValueError(
@@ -319,6 +367,29 @@ def resize_posemb(posemb, grid_shape, prefix_tokens=1, old_grid=None):
 # ----------------------------------------------------------------------------- loading
 
 
+_ATTENTION_RE = re.compile(r"MultiHeadDotProductAttention_\d+/(query|key|value|out)/(kernel|bias)$")
+
+
+def _split_heads(key, value, want):
+    # torch sources (timm, Hugging Face) store attention as (D, D) matrices: the split into
+    # heads is row-major, as their forward pass views it, so it is the model's to make.
+    if _ATTENTION_RE.search(key) and value.ndim < len(want) and value.size == int(np.prod(want)):
+        return value.reshape(want)
+    return value
+
+
+def _hints(params, targets):
+    """One line per known mismatch of the model's kind and the checkpoint's, or none."""
+    lines = []
+    if POSEMB_KEY in targets and POSEMB_KEY not in params and any(k.startswith("Transformer/") for k in params):
+        lines.append("  (the checkpoint has no position embedding: a big_vision posemb='sincos2d' model)")
+    if any(k.startswith("MAPHead_0/") for k in params) and not any(k.startswith("MAPHead_0/") for k in targets):
+        lines.append("  (the checkpoint pools with a MAP head: classifier='map')")
+    if "cls" in targets and "cls" not in params:
+        lines.append("  (the checkpoint has no class token: classifier='gap' or 'map')")
+    return lines
+
+
 def _describe(items):
     return [f"    {item}" for item in sorted(items)]
 
@@ -360,8 +431,8 @@ def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="che
         if key not in params:
             missing.append(f"{key} {tuple(variable.shape)}")
             continue
-        value = params[key]
         want = tuple(variable.shape)
+        value = _split_heads(key, params[key], want)
         if key == POSEMB_KEY and value.shape[-1] == want[-1]:
             prefix = 1 if embeddings.class_token else 0
             new = embeddings.grid_size(model.input_shape[1:3])
@@ -389,6 +460,7 @@ def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="che
         if any(k.startswith("pre_logits/") for k in unused):
             lines.append("  (the checkpoint's head was trained on its pre_logits layer: keep it with "
                          "keep_pre_logits=True, or re-initialise the head with pretrained_top=False)")
+        lines += _hints(params, targets)
         raise ValueError("\n".join(lines))
     for variable, value in assign_:
         variable.assign(value)

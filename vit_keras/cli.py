@@ -76,7 +76,8 @@ def add_train_arguments(p):
     p.add_argument("--data-dir", default=d.data_dir, help="TFDS data directory")
     p.add_argument("--download", action="store_true", help="let TFDS download and prepare the dataset")
     p.add_argument("--weights", default=d.weights,
-                   help=f"start from a checkpoint: {', '.join(presets.WEIGHT_NAMES)}, or an .npz path/URL")
+                   help=f"start from a checkpoint: {', '.join(presets.WEIGHT_NAMES)}, an .npz path/URL, a timm "
+                        "model.safetensors, a transformers or Orbax folder")
     p.add_argument("--image-size", type=_size, default=d.image_size,
                    help="resolution, e.g. 384 or 384x512 (default: the checkpoint's, else 224)")
     p.add_argument("--epochs", type=_positive, default=d.epochs)
@@ -104,6 +105,8 @@ def add_train_arguments(p):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--backup-every", type=_positive, default=d.backup_every,
                    help="steps between backups (default: an epoch)")
+    p.add_argument("--checkpoint-prefix", default=d.checkpoint_prefix,
+                   help="the tower of a two-tower --weights file (SigLIP/LiT: img)")
 
 
 def train_config(args):
@@ -145,7 +148,8 @@ def run_evaluate(args):
     evaluate.check_json_path(args.json)  # before the evaluation, not after it
     result = evaluate.evaluate(args.model, args.dataset, weights=args.weights, image_size=args.image_size,
                                split=args.split, batch_size=args.batch_size, data_dir=args.data_dir,
-                               download=args.download, label_map=args.label_map)
+                               download=args.download, label_map=args.label_map,
+                               checkpoint_prefix=args.checkpoint_prefix)
     print(json.dumps(result), flush=True)  # first: a failed write below loses nothing
     if args.json:
         try:
@@ -210,10 +214,12 @@ def parser():
     attn_p.add_argument("--head-fusion", choices=visualize.HEAD_FUSIONS, default="mean")
     attn_p.add_argument("--discard-ratio", type=float, default=0.0)
     eval_p = sub.add_parser("evaluate", help="top-1/top-5 with the original evaluation preprocessing")
-    eval_p.add_argument("--model", required=True, help="a builder name (vit_r50_b16, ...) or a .keras file")
+    eval_p.add_argument("--model", required=True, help="a builder name (vit_r50_b16, ...), a .keras file, or a "
+                        "checkpoint that names its architecture (.npz, transformers or Orbax folder)")
     eval_p.add_argument("--weights", default=None,
-                        help=f"for a builder: a published name ({', '.join(presets.WEIGHT_NAMES)}) "
-                             "or an .npz path/URL (default: the builder's)")
+                        help=f"for a builder: a published name ({', '.join(presets.WEIGHT_NAMES)}), an .npz "
+                             "path/URL, a timm model.safetensors, a transformers or Orbax folder (default: the "
+                             "builder's)")
     eval_p.add_argument("--dataset", required=True,
                         help="'digits', a folder of class folders, or a TFDS name (e.g. imagenet2012)")
     eval_p.add_argument("--split", choices=data.SPLITS, default="test")
@@ -225,6 +231,8 @@ def parser():
     eval_p.add_argument("--json", default=None, help="also write the result to this JSON file")
     eval_p.add_argument("--label-map", choices=("names", "position"), default="names",
                         help="names: the model's class names must be the dataset's; position: class i is class i")
+    eval_p.add_argument("--checkpoint-prefix", default=None,
+                        help="the tower of a two-tower checkpoint (SigLIP/LiT: img)")
     demo_p = sub.add_parser("demo", help="train a small hybrid ViT on the built-in digits (2-core CPU)")
     demo_p.add_argument("--out", default=training.DEMO.out)
     demo_p.add_argument("--epochs", type=_positive, default=training.DEMO.epochs)

@@ -12,7 +12,7 @@ from vit_keras.model import class_names
 from vit_keras.preprocessing import MEAN, STD, preprocess_inputs
 
 
-def load_model(model, weights=None, image_size=None):
+def load_model(model, weights=None, image_size=None, checkpoint_prefix=None):
     """A model to evaluate: a `keras.Model`, a `.keras` file, or a builder name with `weights`.
 
     A builder name loads `weights` (its default published checkpoint when
@@ -23,6 +23,9 @@ def load_model(model, weights=None, image_size=None):
         return model
     if isinstance(model, str) and model.endswith(".keras"):
         return files.load_keras(model)  # one line for a missing file or an unknown layer
+    if vit.is_checkpoint_path(model):  # a checkpoint that names its architecture
+        return vit.create(model, weights=weights, classes=None, image_size=image_size,
+                          checkpoint_prefix=checkpoint_prefix)
     if model not in presets.CONFIGS:
         raise ValueError(f"Unknown model {model!r}; use a builder name ({', '.join(presets.CONFIGS)}) "
                          "or a .keras file.")
@@ -30,7 +33,8 @@ def load_model(model, weights=None, image_size=None):
     if weights is None:
         raise ValueError(f"{model} has no published weights: pass --weights (an .npz path or URL).")
     # classes=None: the head as the checkpoint has it; image_size None: the checkpoint's resolution.
-    return vit.create(model, weights=weights, classes=None, image_size=image_size)
+    return vit.create(model, weights=weights, classes=None, image_size=image_size,
+                      checkpoint_prefix=checkpoint_prefix)
 
 
 def _preset(model, weights, image_size):
@@ -74,7 +78,7 @@ def check_json_path(path):
 
 
 def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_size=32,
-             data_dir=None, download=False, verbose=1, label_map="names"):
+             data_dir=None, download=False, verbose=1, label_map="names", checkpoint_prefix=None):
     """Top-1 and top-5 accuracy of `model` on a split of `dataset`.
 
     Preprocessing is the original's evaluation: decode, resize to the model's
@@ -97,6 +101,8 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
         label_map: str. "names": the model's class names must be the
             dataset's (a ValueError says how they differ); "position": class
             i of the model is class i of the dataset. Defaults to "names".
+        checkpoint_prefix: str or None. The tower of a two-tower file ("img").
+            Defaults to None.
 
     Returns:
         dict with `top1`, `top5`, `count`, `model`, `dataset`, `split`, `image_size`.
@@ -110,7 +116,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     preset = _preset(model, weights, image_size)
     model_arg = model
     mean, std = (preset.mean, preset.std) if preset else (MEAN, STD)
-    model = load_model(model, weights, image_size)
+    model = load_model(model, weights, image_size, checkpoint_prefix)
     splits = data.load(dataset, data_dir=data_dir, download=download, tf_data=True)  # on any backend
     classes = model.output_shape[-1]
     if classes != len(splits.class_names):

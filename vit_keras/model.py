@@ -6,7 +6,7 @@ import os
 import keras
 import numpy as np
 
-from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken
+from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
 from vit_keras.layers.std_conv import standardize_kernel
 from vit_keras.presets import check_architecture
 
@@ -43,7 +43,9 @@ def _check_memory(grid, hidden_size, classifier, size):
                          f"this machine's {memory / 2**30:,.0f} GiB. Use a smaller image_size.")
 
 
-CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled", "map")
+# Google's numerics; a checkpoint from timm or Hugging Face brings its own (`vit_keras.sources`).
+GOOGLE_NUMERICS = dict(layer_norm_epsilon=1e-6, gelu_approximate=True, ws_epsilon=1e-5, gn_epsilon=1e-6)
 
 
 def build_model(
@@ -68,6 +70,12 @@ def build_model(
     keep_pre_logits=None,
     checkpoint_grid=None,
     class_names=None,
+    posemb="learn",
+    layer_norm_epsilon=None,
+    gelu_approximate=None,
+    ws_epsilon=None,
+    gn_epsilon=None,
+    checkpoint_prefix=None,
 ):
     """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
 
@@ -104,7 +112,8 @@ def build_model(
         classifier: str. The original's pooling: "token" (the class token),
             "gap" (no class token; mean of the normalised tokens), "unpooled"
             (no class token; the head applies to every token) or
-            "token_unpooled" (class token kept, every token out).
+            "token_unpooled" (class token kept, every token out) or "map"
+            (no class token; big_vision's attention pooling, `MAPHead`).
             Defaults to "token".
         name: str. Model name. Defaults to "vit".
         weights: str, `checkpoint.Checkpoint` or None. A local path or URL
@@ -120,6 +129,18 @@ def build_model(
             embedding grid when it is not square. Defaults to None.
         class_names: list of str or None. Names of the classes, kept in the
             head's config (and so in `.keras` files). Defaults to None.
+        posemb: str. "learn" or "sincos2d" (big_vision's fixed table).
+            Defaults to "learn".
+        layer_norm_epsilon: float or None. None: the weights' source's
+            (1e-12 for Hugging Face), else 1e-6. Defaults to None.
+        gelu_approximate: bool or None. The tanh GELU; None: False for timm
+            and Hugging Face weights, else True. Defaults to None.
+        ws_epsilon: float or None. The ResNet's weight-standardisation
+            epsilon; None: 1e-8 for timm weights, else 1e-5. Defaults to None.
+        gn_epsilon: float or None. The ResNet's GroupNorm epsilon; None: 1e-5
+            for timm weights, else 1e-6. Defaults to None.
+        checkpoint_prefix: str or None. The tower to load from a two-tower
+            file (SigLIP/LiT `params/img/...`: "img"). Defaults to None.
 
     Example:
     >>> model = build_model(32, 16, num_layers=2, hidden_size=64, num_heads=4,
@@ -138,21 +159,28 @@ def build_model(
         raise ValueError("classes=None takes the checkpoint's head classes: it needs weights.")
     height, width = _image_shape(image_size)
     params = None
+    numerics = dict(layer_norm_epsilon=layer_norm_epsilon, gelu_approximate=gelu_approximate,
+                    ws_epsilon=ws_epsilon, gn_epsilon=gn_epsilon)
+    numerics = {k: v for k, v in numerics.items() if v is not None}  # given: kept
     if weights is not None:
         from vit_keras import checkpoint
 
         if not isinstance(weights, checkpoint.Checkpoint):
-            path = checkpoint.resolve(weights)
-            weights = checkpoint.Checkpoint(path, checkpoint.read(path))
+            from vit_keras import sources
+
+            source = sources.load(weights, prefix=checkpoint_prefix)
+            weights = source.checkpoint
+            numerics = {**source.numerics, **numerics}  # the source's, where not given
         path, params = weights
         if classes is None:
             classes = checkpoint.head_classes(params)
-            if classes is None:
+            if classes is None and include_top:
                 raise ValueError(f"{path} has no head: classes=None cannot take its class count; pass classes.")
         if representation_size is None and checkpoint.representation_size(params):
             head_kept = (include_top and pretrained_top and checkpoint.head_classes(params) == classes)
             keep = head_kept if keep_pre_logits is None else keep_pre_logits
             representation_size = checkpoint.representation_size(params) if keep else None
+    numerics = {**GOOGLE_NUMERICS, **numerics}
     embeddings = Embeddings(
         hidden_size,
         patch_size,
@@ -160,6 +188,9 @@ def build_model(
         resnet_layers=resnet_layers,
         resnet_width_factor=resnet_width_factor,
         class_token=classifier in ("token", "token_unpooled"),
+        posemb=posemb,
+        ws_epsilon=numerics["ws_epsilon"],
+        gn_epsilon=numerics["gn_epsilon"],
         name="embeddings",
     )
     _check_memory(embeddings.grid_size((height, width)), hidden_size, classifier, (height, width))
@@ -167,11 +198,17 @@ def build_model(
     x = embeddings(inputs)
     # Without the weights the attention is fused (flash attention on a GPU); `attention_model` has them.
     y = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
-                attention_dropout=attention_dropout, name="Transformer")(x, return_weights=False)
+                attention_dropout=attention_dropout, layer_norm_epsilon=numerics["layer_norm_epsilon"],
+                gelu_approximate=numerics["gelu_approximate"], name="Transformer")(x, return_weights=False)
     if classifier == "token":
         y = ExtractToken(name="class_token")(y)
     elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)
         y = keras.layers.GlobalAveragePooling1D(name="gap")(y)
+    elif classifier == "map":  # big_vision's attention pooling: a probe attends to the normalised tokens
+        # Its probe's attention is an output of the layer's node (one query: nothing to save by fusing),
+        # so that `attention_model` can take it.
+        y, _ = MAPHead(num_heads, mlp_dim, numerics["layer_norm_epsilon"], numerics["gelu_approximate"],
+                       name="MAPHead_0")(y, return_weights=True)
     if representation_size:
         y = keras.layers.Dense(representation_size, activation="tanh",
                                kernel_initializer="lecun_normal", name="pre_logits")(y)
@@ -210,11 +247,13 @@ def find_encoder(model):
     return encoders[0]
 
 
-def attention_model(model):
+def attention_model(model, map_head=False):
     """Returns a model that shares `model`'s weights and also outputs attention.
 
     Its outputs are `(model's outputs, [weights of block 0, ..., L-1])`, each
     weights tensor `[batch, heads, tokens, tokens]` (softmax probabilities, float32).
+    With `map_head=True` (a `classifier="map"` model) a third output is the
+    MAP head's probe attention `[batch, heads, 1, tokens]`.
     The model's own encoder runs its attention fused, without weights; here
     the same layers run again on new inputs with the blocks asked for them.
     (A model saved before the fused attention has the weights in its graph
@@ -223,6 +262,7 @@ def attention_model(model):
     Args:
         model: keras.Model. A model from this package's builders (fine-tuned
             or reloaded from `.keras` too).
+        map_head: bool. Also output the MAP head's attention. Defaults to False.
 
     Example:
     >>> model = build_model(32, 16, 2, 64, 4, 128, classes=10)
@@ -231,15 +271,22 @@ def attention_model(model):
     (2, (1, 4, 5, 5))
     """
     encoder = find_encoder(model)
-    if isinstance(encoder.output, (list, tuple)):
+    heads = [layer for layer in model.layers if isinstance(layer, MAPHead)]
+    if map_head and len(heads) != 1:
+        raise ValueError(f"map_head=True: model {model.name!r} has no MAP head (classifier='map').")
+    if isinstance(encoder.output, (list, tuple)) and not map_head:
         # Keras keeps a layer's outputs flattened: the tokens, then block 0..L-1's weights.
         _, *weights = encoder.output
         outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
         inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
-    weights = []
+    weights, pooled = [], []
 
     def call(layer, *args, **kwargs):
+        if map_head and layer is heads[0]:
+            y, w = layer(*args, **kwargs)  # called with return_weights=True by build_model
+            pooled.append(w)
+            return y, w
         if layer is not encoder:
             return layer(*args, **kwargs)
         # The encoder's blocks one by one (Keras checks a graph against each layer's first call,
@@ -256,7 +303,7 @@ def attention_model(model):
         raise ValueError(f"The encoder of model {model.name!r} is not on the path from its inputs to its outputs.")
     outputs = graph.outputs[0] if len(graph.outputs) == 1 else graph.outputs
     inputs = graph.inputs[0] if len(graph.inputs) == 1 else graph.inputs
-    return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
+    return keras.Model(inputs, (outputs, weights, *pooled), name=f"{model.name}_attention")
 
 
 def copy_model(model, edit_config, weights=None):
@@ -339,7 +386,7 @@ def fold_weight_standardization(model):
     copy = copy_model(model, prestandardize)
     for conv in _resnet(copy).convs():
         kernel = np.asarray(conv.kernel, "float32")
-        conv.kernel.assign(np.asarray(standardize_kernel(kernel), conv.kernel.dtype))
+        conv.kernel.assign(np.asarray(standardize_kernel(kernel, conv.ws_epsilon), conv.kernel.dtype))
     return copy
 
 

@@ -37,6 +37,16 @@ class ViTConfig:
         resnet_layers: tuple of int or None. Units per ResNet stage; `()` for
             the root alone; None for no ResNet. Defaults to None.
         resnet_width_factor: float. ResNet width multiplier. Defaults to 1.
+        posemb: str. "learn" or "sincos2d" (big_vision's fixed table).
+            Defaults to "learn".
+        layer_norm_epsilon: float. LayerNorm epsilon (Hugging Face: 1e-12).
+            Defaults to 1e-6.
+        gelu_approximate: bool. tanh GELU (Google's); False: erf (timm, Hugging
+            Face). Defaults to True.
+        ws_epsilon: float. ResNet weight-standardisation epsilon (timm: 1e-8).
+            Defaults to 1e-5.
+        gn_epsilon: float. ResNet GroupNorm epsilon (timm: 1e-5).
+            Defaults to 1e-6.
 
     Example:
     >>> CONFIGS["vit_r50_b16"].resnet_layers
@@ -56,6 +66,12 @@ class ViTConfig:
     representation_size: int = None
     resnet_layers: tuple = None
     resnet_width_factor: float = 1
+    # Added by issue 24: big_vision's position table, and the numerics of timm / Hugging Face weights.
+    posemb: str = "learn"
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = True
+    ws_epsilon: float = 1e-5
+    gn_epsilon: float = 1e-6
 
     def __post_init__(self):
         check_architecture(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)

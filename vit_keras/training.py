@@ -338,7 +338,7 @@ def _finished_run(out_dir):
     return [name for name in FINISHED_FILES if os.path.exists(os.path.join(out_dir, name))]
 
 
-def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
+def _model_from(spec, num_classes, class_names, image_size, weights, dropout, checkpoint_prefix=None):
     """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
         model = files.load_keras(spec)
@@ -355,12 +355,12 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
                       image_size=image_size or spec.get("image_size", 224),
                       dropout=spec.get("dropout", 0.1) if dropout is None else dropout)
         return build_model(**config, **({"weights": weights} if weights else {}))
-    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS:
+    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS and not vit.is_checkpoint_path(spec):
         known = ", ".join(sorted(presets.ALL_CONFIGS))
         raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
     # image_size None: the published checkpoint's resolution, else 224 (as `create`).
     return vit.create(spec, weights=weights, classes=num_classes, image_size=image_size,
-                      class_names=class_names, dropout=dropout)
+                      class_names=class_names, dropout=dropout, checkpoint_prefix=checkpoint_prefix)
 
 
 def _rename_classes(model, class_names, source):
@@ -440,6 +440,7 @@ class TrainConfig:
     backup_every: int = None
     overwrite: bool = False
     verbose: object = "auto"
+    checkpoint_prefix: str = None  # the tower of a two-tower `weights` file ("img")
 
 
 # `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
@@ -569,7 +570,8 @@ def _compiled_model(c, dist, splits, total_steps, jit_compile):
     keras.config.set_dtype_policy(c.precision)
     try:
         with dist.scope():
-            net = _model_from(c.model, num_classes, splits.class_names, c.image_size, c.weights, c.dropout)
+            net = _model_from(c.model, num_classes, splits.class_names, c.image_size, c.weights, c.dropout,
+                              c.checkpoint_prefix)
             net.compile(
                 optimizer=make_optimizer(c.optimizer, c.learning_rate, total_steps, warmup_steps,
                                          c.weight_decay, c.grad_accum, c.clipnorm),

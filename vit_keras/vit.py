@@ -1,14 +1,37 @@
 """Name -> config -> model: `create`, and the model entry points with the arguments of the older `vit-keras`."""
 
 import dataclasses
+import logging
+import os
 
-from vit_keras import checkpoint, presets
+from vit_keras import presets, sources
 from vit_keras.model import build_model
 from vit_keras.preprocessing import preprocess_inputs  # noqa: F401 (part of this module's API)
 from vit_keras.utils import get_imagenet_classes
 
 # The checkpoints whose 1000-class head is ImageNet-1k's.
 IMAGENET_1K = (presets.I1K, presets.AUGREG_I1K)
+POOLED = ("token", "gap", "map")
+logger = logging.getLogger("vit_keras")
+
+
+def is_checkpoint_path(name):
+    """Whether `name` is a checkpoint on disk (a file, a folder, big_vision's `checkpoint.bv` prefix)."""
+    return isinstance(name, (str, os.PathLike)) and (
+        os.path.isdir(name) or os.path.isfile(name) or os.path.isfile(f"{os.fspath(name)}-LAST"))
+
+
+def config_from(source, name="vit"):
+    """The `ViTConfig` of the model a `sources.Source` holds: its config.json, else read from its shapes."""
+    arch = dict(source.config) if source.config else sources.infer_config(source.checkpoint.params,
+                                                                           source.checkpoint.path)
+    arch.pop("image_size", None)
+    return presets.ViTConfig(name=name, title=f"from {source.checkpoint.path}", **arch, **source.numerics)
+
+
+def _image_size_of(source):
+    arch = source.config or sources.infer_config(source.checkpoint.params, source.checkpoint.path)
+    return arch["image_size"]
 
 
 def get_config(name_or_config):
@@ -16,6 +39,8 @@ def get_config(name_or_config):
     if isinstance(name_or_config, presets.ViTConfig):
         return name_or_config
     config = presets.ALL_CONFIGS.get(name_or_config)
+    if config is None and isinstance(name_or_config, str) and ("/" in name_or_config or os.sep in name_or_config):
+        raise ValueError(f"{name_or_config}: no such checkpoint file or folder (nor a model name).")
     if config is None:
         raise ValueError(f"Unknown model {name_or_config!r}; known: {', '.join(presets.ALL_CONFIGS)}.")
     return config
@@ -38,6 +63,7 @@ def create(
     checkpoint_grid=None,
     class_names=None,
     name=None,
+    checkpoint_prefix=None,
 ):
     """Builds a model from a name or a `ViTConfig`, with weights resolved and read once.
 
@@ -46,11 +72,18 @@ def create(
 
     Args:
         name_or_config: str or ViTConfig. A builder name ("vit_r50_b16"), a
-            small config ("vit_hybrid_tiny"), or a config.
+            small config ("vit_hybrid_tiny"), a config, or a checkpoint path
+            (an `.npz`, a `transformers` folder, an Orbax folder: the
+            architecture is read from it, and it is the weights).
         weights: str or None. A published name ("imagenet21k",
             "imagenet21k+imagenet2012", "augreg_in21k",
-            "augreg_in21k_ft_in1k"), or a path or URL of an original `.npz`.
-            Defaults to None (random initialisation).
+            "augreg_in21k_ft_in1k"), or a path or URL of a checkpoint: an
+            original or big_vision `.npz`, a timm `model.safetensors`, a
+            `transformers` folder or an Orbax folder (`vit_keras.sources`).
+            The file fixes its numerics (GELU form, epsilons), its position
+            embedding (learned or sincos2d) and, unless `classifier` is
+            given, its pooling (token, gap or map). Defaults to None
+            (random initialisation).
         classes: int or None. Outputs of the head; None takes the
             checkpoint's. Defaults to 1000.
         image_size: int, (height, width) or None. Input resolution; None takes
@@ -74,13 +107,29 @@ def create(
             ImageNet-1k's for a published ImageNet-1k head. Defaults to None.
         name: str or None. Model name; None takes the config's name with
             dashes. Defaults to None.
+        checkpoint_prefix: str or None. The tower of a two-tower file
+            (SigLIP/LiT: "img"). Defaults to None.
 
     Example:
     >>> model = create("vit_hybrid_tiny", classes=10, image_size=64)
     >>> model.name, model.output_shape
     ('vit-hybrid-tiny', (None, 10))
     """
-    config = get_config(name_or_config)
+    source = None
+    # A checkpoint on disk names the architecture itself.
+    if name_or_config not in presets.ALL_CONFIGS and is_checkpoint_path(name_or_config):
+        if weights is not None and os.fspath(weights) != os.fspath(name_or_config):
+            raise ValueError(f"{name_or_config} is a checkpoint and names the architecture; weights={weights!r} "
+                             "would be a second one.")
+        weights = os.fspath(name_or_config)
+        source = sources.load(weights, prefix=checkpoint_prefix)
+        config = config_from(source)
+        if image_size is None:
+            image_size = _image_size_of(source)
+        if classes == 1000:  # the default: the file's head
+            classes = None
+    else:
+        config = get_config(name_or_config)
     if pretrained is None:  # load what there is
         pretrained = weights is not None
     if pretrained and weights is None:
@@ -90,8 +139,21 @@ def create(
         image_size = presets.find_preset(config.name, weights).resolution if published else 224
     params = None
     if pretrained:
-        path = checkpoint.resolve(weights, model=config.name, image_size=image_size)
-        params = checkpoint.Checkpoint(path, checkpoint.read(path))
+        if source is None:
+            source = sources.load(weights, model=config.name, image_size=image_size, prefix=checkpoint_prefix)
+        params = source.checkpoint
+        # The file fixes what the architecture's name cannot say: numerics, position embedding, pooling.
+        kinds = sources.file_kinds(params.params)
+        fixed = {**source.numerics, "posemb": kinds["posemb"]}
+        if classifier is None and config.classifier in POOLED:
+            fixed["classifier"] = kinds["classifier"]
+        changed = {k: v for k, v in fixed.items() if getattr(config, k) != v}
+        if changed:
+            logger.info("%s: the checkpoint sets %s.", config.name, changed)
+            config = dataclasses.replace(config, **changed)
+        if class_names is None and source.class_names and pretrained_top and include_top \
+                and classes in (len(source.class_names), None):
+            class_names = source.class_names
     if class_names is None and published and weights in IMAGENET_1K and pretrained_top and include_top \
             and classes in (1000, None):
         class_names = get_imagenet_classes()

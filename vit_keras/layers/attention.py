@@ -31,6 +31,9 @@ class Attention(keras.layers.Layer):
         inputs: tensor `[batch, tokens, D]`.
         training: bool or None. Dropout on. Defaults to None.
         return_weights: bool. Also return the weights. Defaults to True.
+        context: tensor `[batch, keys, D]` or None. Keys and values come from
+            it instead of `inputs` (cross-attention, as the MAP head's probe).
+            Defaults to None.
 
     Returns:
         `(output [batch, tokens, D], weights [batch, heads, tokens, tokens])`
@@ -78,10 +81,11 @@ class Attention(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
         self.built = True
 
-    def call(self, inputs, training=None, return_weights=True):
+    def call(self, inputs, training=None, return_weights=True, context=None):
+        context = inputs if context is None else context
         q = self.query(inputs) * ops.cast(1.0 / math.sqrt(self.head_dim), inputs.dtype)
-        k = self.key(inputs)
-        v = self.value(inputs)
+        k = self.key(context)
+        v = self.value(context)
         if not return_weights and not (training and self.dropout > 0):
             return self.out(ops.dot_product_attention(q, k, v, scale=1.0))
         logits = ops.einsum("bqhk,bthk->bhqt", q, k)
@@ -94,8 +98,12 @@ class Attention(keras.layers.Layer):
         b, t, _ = input_shape
         return input_shape, (b, self.num_heads, t, t)
 
-    def compute_output_spec(self, inputs, training=None, return_weights=True):
-        return tokens_and_weights_spec(inputs, self.compute_dtype, self.num_heads, return_weights)
+    def compute_output_spec(self, inputs, training=None, return_weights=True, context=None):
+        spec = tokens_and_weights_spec(inputs, self.compute_dtype, self.num_heads, return_weights)
+        if not return_weights or context is None:
+            return spec
+        b, t, _ = inputs.shape
+        return spec[0], keras.KerasTensor((b, self.num_heads, t, context.shape[1]), dtype="float32")
 
     def get_config(self):
         config = super().get_config()

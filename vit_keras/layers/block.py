@@ -8,9 +8,9 @@ from vit_keras.layers.mlp import Mlp
 LN_EPSILON = 1e-6
 
 
-def layer_norm(name):
+def layer_norm(name, epsilon=LN_EPSILON):
     """LayerNorm with the original's epsilon (Keras defaults to 1e-3)."""
-    return keras.layers.LayerNormalization(epsilon=LN_EPSILON, name=name)
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
 
 
 @keras.saving.register_keras_serializable(package="vit_keras")
@@ -25,6 +25,10 @@ class Block(keras.layers.Layer):
         mlp_dim: int. Width of the MLP's hidden layer.
         dropout: float. Dropout after attention and in the MLP. Defaults to 0.
         attention_dropout: float. Dropout on attention weights. Defaults to 0.
+        layer_norm_epsilon: float. LayerNorm epsilon (1e-6 in Google's and timm's
+            checkpoints, 1e-12 in Hugging Face's). Defaults to 1e-6.
+        gelu_approximate: bool. The MLP's GELU in tanh form (Google's); False
+            is the exact erf form (timm's, Hugging Face's). Defaults to True.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -44,24 +48,27 @@ class Block(keras.layers.Layer):
     ((2, 5, 32), (2, 4, 5, 5))
     """
 
-    def __init__(self, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0, **kwargs):
+    def __init__(self, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0, layer_norm_epsilon=LN_EPSILON,
+                 gelu_approximate=True, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
         self.dropout = dropout
         self.attention_dropout = attention_dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.gelu_approximate = gelu_approximate
 
     def build(self, input_shape):
-        self.norm_0 = layer_norm("LayerNorm_0")
+        self.norm_0 = layer_norm("LayerNorm_0", self.layer_norm_epsilon)
         self.norm_0.build(input_shape)
         self.attention = Attention(
             self.num_heads, self.attention_dropout, name="MultiHeadDotProductAttention_1"
         )
         self.attention.build(input_shape)
         self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
-        self.norm_2 = layer_norm("LayerNorm_2")
+        self.norm_2 = layer_norm("LayerNorm_2", self.layer_norm_epsilon)
         self.norm_2.build(input_shape)
-        self.mlp = Mlp(self.mlp_dim, self.dropout, name="MlpBlock_3")
+        self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, name="MlpBlock_3")
         self.mlp.build(input_shape)
         self.built = True
 
@@ -88,6 +95,8 @@ class Block(keras.layers.Layer):
                 "mlp_dim": self.mlp_dim,
                 "dropout": self.dropout,
                 "attention_dropout": self.attention_dropout,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "gelu_approximate": self.gelu_approximate,
             }
         )
         return config

@@ -1,9 +1,36 @@
 """Image to tokens: patches (or the ResNet's feature map), class token, positions."""
 
 import keras
+import numpy as np
 from keras import ops
 
-from vit_keras.layers.resnet import ResNet, resnet_stride
+from vit_keras.layers.resnet import GN_EPSILON, ResNet, resnet_stride
+from vit_keras.layers.std_conv import WS_EPSILON
+
+POSEMBS = ("learn", "sincos2d")
+
+
+def posemb_sincos_2d(rows, cols, width, temperature=10_000.0):
+    """big_vision's fixed 2-D sin-cos position table `[1, rows * cols, width]` (float32).
+
+    With q = width / 4 and w_k = temperature^(-k / (q - 1)), token i * cols + j
+    (row i, column j) is `[sin(j w), cos(j w), sin(i w), cos(i w)]`: the column
+    fills the first half, the row the second (MoCo v3's layout).
+
+    Example:
+    >>> table = posemb_sincos_2d(2, 3, 8)
+    >>> table.shape, float(table[0, 1, 0]), float(table[0, 1, 4])  # row 0, column 1
+    ((1, 6, 8), 0.8414709568023682, 0.0)
+    """
+    if width % 4:
+        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width}.")
+    q = width // 4
+    omega = 1.0 / temperature ** (np.arange(q) / max(q - 1, 1))
+    y, x = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    x = x.reshape(-1, 1) * omega
+    y = y.reshape(-1, 1) * omega
+    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return table[None].astype("float32")
 
 
 @keras.saving.register_keras_serializable(package="vit_keras")
@@ -15,7 +42,9 @@ class Embeddings(keras.layers.Layer):
     the grid is flattened row-major, a learned class token `cls` is prepended
     at index 0 (unless `class_token=False`, as for the original's `gap`
     classifier), the position embedding (class slot included) is added, and
-    dropout is applied.
+    dropout is applied. With `posemb="sincos2d"` there is no learned
+    `pos_embedding`: big_vision's fixed table (`posemb_sincos_2d`) is added
+    to the patch tokens, before the class token (which gets none).
 
     Args:
         hidden_size: int. Width of the tokens.
@@ -29,6 +58,11 @@ class Embeddings(keras.layers.Layer):
         prestandardized: bool. The ResNet's stored conv kernels are already
             standardised (see `StdConv2D`). Defaults to False.
         class_token: bool. Prepend the class token `cls`. Defaults to True.
+        posemb: str. "learn" (a learned `pos_embedding`) or "sincos2d" (the
+            fixed table of big_vision). Defaults to "learn".
+        ws_epsilon: float. The ResNet's weight-standardisation epsilon.
+            Defaults to 1e-5.
+        gn_epsilon: float. The ResNet's GroupNorm epsilon. Defaults to 1e-6.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -46,8 +80,13 @@ class Embeddings(keras.layers.Layer):
         resnet_width_factor=1,
         prestandardized=False,
         class_token=True,
+        posemb="learn",
+        ws_epsilon=WS_EPSILON,
+        gn_epsilon=GN_EPSILON,
         **kwargs,
     ):
+        if posemb not in POSEMBS:
+            raise ValueError(f"Unknown posemb {posemb!r}; use one of {POSEMBS}.")
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.patch_size = patch_size
@@ -56,6 +95,9 @@ class Embeddings(keras.layers.Layer):
         self.resnet_width_factor = resnet_width_factor
         self.prestandardized = prestandardized
         self.class_token = class_token
+        self.posemb = posemb
+        self.ws_epsilon = ws_epsilon
+        self.gn_epsilon = gn_epsilon
 
     @property
     def stride(self):
@@ -86,6 +128,8 @@ class Embeddings(keras.layers.Layer):
                 self.resnet_layers,
                 self.resnet_width_factor,
                 self.prestandardized,
+                self.ws_epsilon,
+                self.gn_epsilon,
                 name="resnet",
             )
             self.resnet.build(shape)
@@ -103,11 +147,14 @@ class Embeddings(keras.layers.Layer):
             self.cls = self.add_weight(
                 shape=(1, 1, self.hidden_size), initializer="zeros", name="cls"
             )
-        self.pos_embedding = self.add_weight(
-            shape=(1, int(self.class_token) + gh * gw, self.hidden_size),
-            initializer=keras.initializers.RandomNormal(stddev=0.02),
-            name="pos_embedding",
-        )
+        if self.posemb == "sincos2d":
+            self.sincos = posemb_sincos_2d(gh, gw, self.hidden_size)
+        else:
+            self.pos_embedding = self.add_weight(
+                shape=(1, int(self.class_token) + gh * gw, self.hidden_size),
+                initializer=keras.initializers.RandomNormal(stddev=0.02),
+                name="pos_embedding",
+            )
         self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
         self.built = True
 
@@ -127,10 +174,13 @@ class Embeddings(keras.layers.Layer):
         """
         rows, cols = grid.shape[1:3]
         x = ops.reshape(grid, (-1, rows * cols, self.hidden_size))
+        if self.posemb == "sincos2d":  # the patches only, as big_vision
+            x = x + ops.cast(self.sincos, x.dtype)
         if self.class_token:
             cls = ops.zeros_like(x[:, :1]) + ops.cast(self.cls, x.dtype)  # one per image
             x = ops.concatenate([cls, x], axis=1)
-        x = x + ops.cast(self.pos_embedding, x.dtype)
+        if self.posemb == "learn":
+            x = x + ops.cast(self.pos_embedding, x.dtype)
         return self.dropout_layer(x, training=training)
 
     def compute_output_shape(self, input_shape):
@@ -150,6 +200,9 @@ class Embeddings(keras.layers.Layer):
                 "resnet_width_factor": self.resnet_width_factor,
                 "prestandardized": self.prestandardized,
                 "class_token": self.class_token,
+                "posemb": self.posemb,
+                "ws_epsilon": self.ws_epsilon,
+                "gn_epsilon": self.gn_epsilon,
             }
         )
         return config

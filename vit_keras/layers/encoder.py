@@ -2,7 +2,7 @@
 
 import keras
 
-from vit_keras.layers.block import Block, layer_norm
+from vit_keras.layers.block import LN_EPSILON, Block, layer_norm
 
 
 @keras.saving.register_keras_serializable(package="vit_keras")
@@ -15,6 +15,10 @@ class Encoder(keras.layers.Layer):
         mlp_dim: int. Width of each MLP's hidden layer.
         dropout: float. Dropout inside the blocks. Defaults to 0.
         attention_dropout: float. Dropout on attention weights. Defaults to 0.
+        layer_norm_epsilon: float. LayerNorm epsilon (1e-6 in Google's and timm's
+            checkpoints, 1e-12 in Hugging Face's). Defaults to 1e-6.
+        gelu_approximate: bool. The MLP's GELU in tanh form (Google's); False
+            is the exact erf form (timm's, Hugging Face's). Defaults to True.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -38,7 +42,8 @@ class Encoder(keras.layers.Layer):
     """
 
     def __init__(
-        self, num_layers, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0, **kwargs
+        self, num_layers, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0,
+        layer_norm_epsilon=LN_EPSILON, gelu_approximate=True, **kwargs
     ):
         super().__init__(**kwargs)
         self.num_layers = num_layers
@@ -46,6 +51,8 @@ class Encoder(keras.layers.Layer):
         self.mlp_dim = mlp_dim
         self.dropout = dropout
         self.attention_dropout = attention_dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.gelu_approximate = gelu_approximate
 
     def build(self, input_shape):
         self.blocks = []
@@ -55,11 +62,13 @@ class Encoder(keras.layers.Layer):
                 self.mlp_dim,
                 self.dropout,
                 self.attention_dropout,
+                self.layer_norm_epsilon,
+                self.gelu_approximate,
                 name=f"encoderblock_{i}",
             )
             block.build(input_shape)
             self.blocks.append(block)
-        self.encoder_norm = layer_norm("encoder_norm")
+        self.encoder_norm = layer_norm("encoder_norm", self.layer_norm_epsilon)
         self.encoder_norm.build(input_shape)
         self.built = True
 
@@ -95,6 +104,8 @@ class Encoder(keras.layers.Layer):
                 "mlp_dim": self.mlp_dim,
                 "dropout": self.dropout,
                 "attention_dropout": self.attention_dropout,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "gelu_approximate": self.gelu_approximate,
             }
         )
         return config

@@ -6,7 +6,7 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="vit_keras")
 class Mlp(keras.layers.Layer):
-    """`Dense_0` -> GELU (tanh form, as the original) -> Dropout -> `Dense_1` -> Dropout.
+    """`Dense_0` -> GELU (tanh form; erf with `gelu_approximate=False`) -> Dropout -> `Dense_1` -> Dropout.
 
     The Dense layers run on the tokens flattened to `[batch * tokens, D]`: a
     plain 2-D matmul, which TensorFlow's oneDNN graph rewrite fuses with the
@@ -17,6 +17,8 @@ class Mlp(keras.layers.Layer):
     Args:
         mlp_dim: int. Width of the hidden layer.
         dropout: float. Dropout after each Dense. Defaults to 0.
+        gelu_approximate: bool. The tanh form of GELU (Google's); False is the
+            exact erf form (timm's and Hugging Face's). Defaults to True.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -25,10 +27,11 @@ class Mlp(keras.layers.Layer):
     (2, 5, 32)
     """
 
-    def __init__(self, mlp_dim, dropout=0.0, **kwargs):
+    def __init__(self, mlp_dim, dropout=0.0, gelu_approximate=True, **kwargs):
         super().__init__(**kwargs)
         self.mlp_dim = mlp_dim
         self.dropout = dropout
+        self.gelu_approximate = gelu_approximate
 
     def build(self, input_shape):
         init = dict(
@@ -44,7 +47,7 @@ class Mlp(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = ops.reshape(inputs, (-1, inputs.shape[-1]))
-        x = keras.activations.gelu(self.dense_0(x), approximate=True)
+        x = keras.activations.gelu(self.dense_0(x), approximate=self.gelu_approximate)
         x = self.dropout_layer(x, training=training)
         x = self.dropout_layer(self.dense_1(x), training=training)
         return ops.reshape(x, ops.shape(inputs))
@@ -54,5 +57,5 @@ class Mlp(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"mlp_dim": self.mlp_dim, "dropout": self.dropout})
+        config.update({"mlp_dim": self.mlp_dim, "dropout": self.dropout, "gelu_approximate": self.gelu_approximate})
         return config

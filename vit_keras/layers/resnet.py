@@ -4,14 +4,14 @@ import keras
 from keras import ops
 
 from vit_keras.layers.group_norm import GroupNorm
-from vit_keras.layers.std_conv import StdConv2D
+from vit_keras.layers.std_conv import WS_EPSILON, StdConv2D
 
 GN_GROUPS = 32
 GN_EPSILON = 1e-6
 
 
-def _group_norm(name, scale_initializer="ones"):
-    return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, scale_initializer=scale_initializer, name=name)
+def _group_norm(name, scale_initializer="ones", epsilon=GN_EPSILON):
+    return GroupNorm(groups=GN_GROUPS, epsilon=epsilon, scale_initializer=scale_initializer, name=name)
 
 
 def resnet_stride(block_units):
@@ -25,7 +25,7 @@ def resnet_channels(block_units, width_factor):
     return width if not block_units else 4 * stage_width(len(block_units), width)
 
 
-def _std_conv(filters, kernel_size, strides, name, prestandardized):
+def _std_conv(filters, kernel_size, strides, name, prestandardized, ws_epsilon=WS_EPSILON):
     return StdConv2D(
         filters,
         kernel_size,
@@ -34,6 +34,7 @@ def _std_conv(filters, kernel_size, strides, name, prestandardized):
         use_bias=False,
         kernel_initializer="lecun_normal",
         prestandardized=prestandardized,
+        ws_epsilon=ws_epsilon,
         name=name,
     )
 
@@ -52,6 +53,10 @@ class ResNetUnit(keras.layers.Layer):
         strides: int. Stride of conv2 and of the projection. Defaults to 1.
         prestandardized: bool. The convs' stored kernels are already
             standardised (see `StdConv2D`). Defaults to False.
+        ws_epsilon: float. Weight-standardisation epsilon (see `StdConv2D`).
+            Defaults to 1e-5.
+        gn_epsilon: float. GroupNorm epsilon (1e-6 in Google's checkpoints,
+            1e-5 in timm's). Defaults to 1e-6.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -60,35 +65,44 @@ class ResNetUnit(keras.layers.Layer):
     (1, 8, 8, 128)
     """
 
-    def __init__(self, filters, strides=1, prestandardized=False, **kwargs):
+    def __init__(self, filters, strides=1, prestandardized=False, ws_epsilon=WS_EPSILON, gn_epsilon=GN_EPSILON,
+                 **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
         self.strides = strides
         self.prestandardized = prestandardized
+        self.ws_epsilon = ws_epsilon
+        self.gn_epsilon = gn_epsilon
+
+    def _conv(self, filters, kernel_size, strides, name):
+        return _std_conv(filters, kernel_size, strides, name, self.prestandardized, self.ws_epsilon)
+
+    def _norm(self, name, scale_initializer="ones"):
+        return _group_norm(name, scale_initializer, self.gn_epsilon)
 
     def build(self, input_shape):
         out = 4 * self.filters
         self.needs_projection = input_shape[-1] != out or self.strides != 1
         f, s = self.filters, self.strides
         if self.needs_projection:
-            self.conv_proj = _std_conv(out, 1, s, "conv_proj", self.prestandardized)
+            self.conv_proj = self._conv(out, 1, s, "conv_proj")
             self.conv_proj.build(input_shape)
-            self.gn_proj = _group_norm("gn_proj")
+            self.gn_proj = self._norm("gn_proj")
             self.gn_proj.build(self.conv_proj.compute_output_shape(input_shape))
-        self.conv1 = _std_conv(f, 1, 1, "conv1", self.prestandardized)
+        self.conv1 = self._conv(f, 1, 1, "conv1")
         self.conv1.build(input_shape)
         shape = self.conv1.compute_output_shape(input_shape)
-        self.gn1 = _group_norm("gn1")
+        self.gn1 = self._norm("gn1")
         self.gn1.build(shape)
-        self.conv2 = _std_conv(f, 3, s, "conv2", self.prestandardized)
+        self.conv2 = self._conv(f, 3, s, "conv2")
         self.conv2.build(shape)
         shape = self.conv2.compute_output_shape(shape)
-        self.gn2 = _group_norm("gn2")
+        self.gn2 = self._norm("gn2")
         self.gn2.build(shape)
-        self.conv3 = _std_conv(out, 1, 1, "conv3", self.prestandardized)
+        self.conv3 = self._conv(out, 1, 1, "conv3")
         self.conv3.build(shape)
         # As the original, the last norm of the branch starts at zero: each unit starts as its shortcut.
-        self.gn3 = _group_norm("gn3", scale_initializer="zeros")
+        self.gn3 = self._norm("gn3", scale_initializer="zeros")
         self.gn3.build(self.conv3.compute_output_shape(shape))
         self.built = True
 
@@ -112,7 +126,8 @@ class ResNetUnit(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"filters": self.filters, "strides": self.strides, "prestandardized": self.prestandardized}
+            {"filters": self.filters, "strides": self.strides, "prestandardized": self.prestandardized,
+             "ws_epsilon": self.ws_epsilon, "gn_epsilon": self.gn_epsilon}
         )
         return config
 
@@ -146,6 +161,10 @@ class ResNetStage(keras.layers.Layer):
         strides: int. Stride of the first unit. Defaults to 1.
         prestandardized: bool. The convs' stored kernels are already
             standardised (see `StdConv2D`). Defaults to False.
+        ws_epsilon: float. Weight-standardisation epsilon (see `StdConv2D`).
+            Defaults to 1e-5.
+        gn_epsilon: float. GroupNorm epsilon (1e-6 in Google's checkpoints,
+            1e-5 in timm's). Defaults to 1e-6.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -154,18 +173,22 @@ class ResNetStage(keras.layers.Layer):
     ((1, 8, 8, 128), 'unit2')
     """
 
-    def __init__(self, units, filters, strides=1, prestandardized=False, **kwargs):
+    def __init__(self, units, filters, strides=1, prestandardized=False, ws_epsilon=WS_EPSILON,
+                 gn_epsilon=GN_EPSILON, **kwargs):
         super().__init__(**kwargs)
         self.num_units = units
         self.filters = filters
         self.strides = strides
         self.prestandardized = prestandardized
+        self.ws_epsilon = ws_epsilon
+        self.gn_epsilon = gn_epsilon
 
     def build(self, input_shape):
         shape = input_shape
         self.units = []
         for u in range(1, self.num_units + 1):
-            unit = ResNetUnit(self.filters, self.strides if u == 1 else 1, self.prestandardized, name=f"unit{u}")
+            unit = ResNetUnit(self.filters, self.strides if u == 1 else 1, self.prestandardized,
+                              self.ws_epsilon, self.gn_epsilon, name=f"unit{u}")
             unit.build(shape)
             shape = unit.compute_output_shape(shape)
             self.units.append(unit)
@@ -184,7 +207,8 @@ class ResNetStage(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"units": self.num_units, "filters": self.filters, "strides": self.strides,
-                       "prestandardized": self.prestandardized})
+                       "prestandardized": self.prestandardized, "ws_epsilon": self.ws_epsilon,
+                       "gn_epsilon": self.gn_epsilon})
         return config
 
 
@@ -206,6 +230,10 @@ class ResNet(keras.layers.Layer):
         width_factor: float. Multiplies the base width 64. Defaults to 1.
         prestandardized: bool. The convs' stored kernels are already
             standardised (see `StdConv2D`). Defaults to False.
+        ws_epsilon: float. Weight-standardisation epsilon (see `StdConv2D`).
+            Defaults to 1e-5.
+        gn_epsilon: float. GroupNorm epsilon (1e-6 in Google's checkpoints,
+            1e-5 in timm's). Defaults to 1e-6.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -216,11 +244,14 @@ class ResNet(keras.layers.Layer):
     ['block1', 'block2']
     """
 
-    def __init__(self, block_units, width_factor=1, prestandardized=False, **kwargs):
+    def __init__(self, block_units, width_factor=1, prestandardized=False, ws_epsilon=WS_EPSILON,
+                 gn_epsilon=GN_EPSILON, **kwargs):
         super().__init__(**kwargs)
         self.block_units = tuple(block_units)
         self.width_factor = width_factor
         self.prestandardized = prestandardized
+        self.ws_epsilon = ws_epsilon
+        self.gn_epsilon = gn_epsilon
 
     @property
     def width(self):
@@ -241,17 +272,17 @@ class ResNet(keras.layers.Layer):
         return [unit for stage in self.stages for unit in stage.units]
 
     def build(self, input_shape):
-        self.conv_root = _std_conv(self.width, 7, 2, "conv_root", self.prestandardized)
+        self.conv_root = _std_conv(self.width, 7, 2, "conv_root", self.prestandardized, self.ws_epsilon)
         self.conv_root.build(input_shape)
         shape = self.conv_root.compute_output_shape(input_shape)
-        self.gn_root = _group_norm("gn_root")
+        self.gn_root = _group_norm("gn_root", epsilon=self.gn_epsilon)
         self.gn_root.build(shape)
         b, h, w, c = shape
         shape = (b, _halved(h, 2), _halved(w, 2), c)  # the max-pool
         self.stages = []
         for s, count in enumerate(self.block_units, start=1):
             stage = ResNetStage(count, stage_width(s, self.width), stage_stride(s), self.prestandardized,
-                                name=f"block{s}")
+                                self.ws_epsilon, self.gn_epsilon, name=f"block{s}")
             stage.build(shape)
             shape = stage.compute_output_shape(shape)
             self.stages.append(stage)
@@ -284,6 +315,8 @@ class ResNet(keras.layers.Layer):
                 "block_units": list(self.block_units),
                 "width_factor": self.width_factor,
                 "prestandardized": self.prestandardized,
+                "ws_epsilon": self.ws_epsilon,
+                "gn_epsilon": self.gn_epsilon,
             }
         )
         return config
