@@ -16,12 +16,13 @@ PyTorch backends.
 
 import importlib
 
-from vit_keras import layers, presets, utils, vit
+from vit_keras import finetune, layers, presets, utils, vit  # finetune: its optimizers load from .keras files
 from vit_keras.checkpoint import load_npz
 from vit_keras.features import features_model
 from vit_keras.model import attention_model, build_model, float32_copy, fold_weight_standardization
 from vit_keras.presets import ViTConfig
 from vit_keras.preprocessing import preprocess_inputs
+from vit_keras.reshape import resize
 from vit_keras.utils import get_imagenet_classes
 from vit_keras.vit import (
     BUILDERS,
@@ -47,7 +48,7 @@ __version__ = "0.2.0"
 
 # Imported on first use (PEP 562).
 _LAZY = ("checkpoint", "cli", "data", "distribute", "download", "evaluate", "export", "features", "files",
-         "model", "predict", "preprocessing", "serving", "training", "visualize")
+         "model", "predict", "preprocessing", "reshape", "serving", "training", "visualize")
 
 
 def __getattr__(name):
@@ -67,6 +68,7 @@ __all__ = [
     "build_model",
     "create",
     "features_model",
+    "finetune",
     "float32_copy",
     "fold_weight_standardization",
     "get_config",
@@ -75,6 +77,7 @@ __all__ = [
     "load_npz",
     "preprocess_inputs",
     "presets",
+    "resize",
     "utils",
     "vit",
     "vit_b8",

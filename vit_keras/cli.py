@@ -104,6 +104,17 @@ def add_train_arguments(p):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--backup-every", type=_positive, default=d.backup_every,
                    help="steps between backups (default: an epoch)")
+    # Fine-tuning big models (vit_keras.finetune, vit_keras.reshape).
+    p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less memory)")
+    p.add_argument("--trainable", default=d.trainable,
+                   help="all | head (linear probe) | blocks:N (last N blocks + norm + head); default all")
+    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                   help="layer-wise learning-rate decay in (0, 1], e.g. 0.75")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help="LoRA adapters of this rank on the attention and MLP layers (with the head, all that trains)")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (default: the rank)")
+    p.add_argument("--input-channels", type=int, default=d.input_channels,
+                   help="1: grey images (the first convolution summed over RGB); default 3")
 
 
 def train_config(args):

@@ -41,6 +41,8 @@ def build_model(
     keep_pre_logits=None,
     checkpoint_grid=None,
     class_names=None,
+    remat=False,
+    input_channels=3,
 ):
     """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
 
@@ -93,6 +95,12 @@ def build_model(
             embedding grid when it is not square. Defaults to None.
         class_names: list of str or None. Names of the classes, kept in the
             head's config (and so in `.keras` files). Defaults to None.
+        remat: bool. Recompute each encoder block (and ResNet stage) in the
+            backward pass: less memory, same gradients. Defaults to False.
+        input_channels: int. Channels of the input images. A 3-channel
+            checkpoint's first convolution is adapted (1: summed over RGB;
+            N: repeated and scaled by 3/N, see `reshape.adapt_input_kernel`).
+            Defaults to 3.
 
     Example:
     >>> model = build_model(32, 16, num_layers=2, hidden_size=64, num_heads=4,
@@ -104,6 +112,9 @@ def build_model(
         raise ValueError(f"Unknown classifier {classifier!r}; use one of {CLASSIFIERS}.")
     if classes is None and weights is None:
         raise ValueError("classes=None takes the checkpoint's head classes: it needs weights.")
+    from vit_keras import reshape
+
+    reshape.check_input_channels(input_channels)
     height, width = _image_shape(image_size)
     params = None
     if weights is not None:
@@ -128,14 +139,15 @@ def build_model(
         resnet_layers=resnet_layers,
         resnet_width_factor=resnet_width_factor,
         class_token=classifier in ("token", "token_unpooled"),
+        remat=remat,
         name="embeddings",
     )
     embeddings.grid_size((height, width))  # fails early on an indivisible size
-    inputs = keras.Input((height, width, 3), name="image")
+    inputs = keras.Input((height, width, input_channels), name="image")
     x = embeddings(inputs)
     # Without the weights the attention is fused (flash attention on a GPU); `attention_model` has them.
     y = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
-                attention_dropout=attention_dropout, name="Transformer")(x, return_weights=False)
+                attention_dropout=attention_dropout, remat=remat, name="Transformer")(x, return_weights=False)
     if classifier == "token":
         y = ExtractToken(name="class_token")(y)
     elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)
@@ -155,6 +167,7 @@ def build_model(
         )(y)
     model = keras.Model(inputs, y, name=name)
     if params is not None:
+        params = reshape.adapt_input_params(params, input_channels)
         checkpoint.assign(model, params, pretrained_top=pretrained_top,
                           checkpoint_grid=checkpoint_grid, source=path)
     return model

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from vit_keras import data as data_lib
-from vit_keras import distribute, files, presets
+from vit_keras import distribute, files, finetune, presets, reshape
 from vit_keras.files import atomic_write_json  # noqa: F401 (also part of this module's API)
 from vit_keras.model import build_model
 
@@ -253,7 +253,18 @@ def _finished_run(out_dir):
     return [name for name in FINISHED_FILES if os.path.exists(os.path.join(out_dir, name))]
 
 
-def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
+def _num_layers(spec):
+    """The encoder depth of a model spec, where known without building it (bounds `trainable=blocks:N`)."""
+    if isinstance(spec, dict):
+        return spec.get("num_layers")
+    if isinstance(spec, presets.ViTConfig) or (isinstance(spec, str) and spec in presets.ALL_CONFIGS):
+        from vit_keras import vit
+
+        return vit.get_config(spec).num_layers
+    return None  # a .keras file: checked once it is loaded
+
+
+def _model_from(spec, num_classes, class_names, image_size, weights, dropout, input_channels=3):
     """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
         model = keras.saving.load_model(spec)
@@ -261,6 +272,8 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
             raise ValueError(
                 f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
             )
+        if image_size is not None or input_channels != model.input_shape[-1]:  # continue at another size
+            model = reshape.resize(model, image_size=image_size, input_channels=input_channels)
         return model
     from vit_keras import vit
 
@@ -268,13 +281,13 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout):
         config = dict(spec, classes=num_classes, class_names=class_names,
                       image_size=image_size or spec.get("image_size", 224),
                       dropout=spec.get("dropout", 0.1) if dropout is None else dropout)
-        return build_model(**config, **({"weights": weights} if weights else {}))
+        return build_model(**config, **({"weights": weights} if weights else {}), input_channels=input_channels)
     if isinstance(spec, str) and spec not in presets.ALL_CONFIGS:
         known = ", ".join(sorted(presets.ALL_CONFIGS))
         raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
     # image_size None: the published checkpoint's resolution, else 224 (as `create`).
     return vit.create(spec, weights=weights, classes=num_classes, image_size=image_size,
-                      class_names=class_names, dropout=dropout)
+                      class_names=class_names, dropout=dropout, input_channels=input_channels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +331,13 @@ class TrainConfig:
     backup_every: int = None
     overwrite: bool = False
     verbose: object = "auto"
+    # Fine-tuning big models (`finetune`, `reshape`): see `train`.
+    remat: bool = False
+    trainable: str = None
+    layer_decay: float = None
+    lora_rank: int = None
+    lora_alpha: float = None
+    input_channels: int = 3
 
 
 # `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
@@ -362,6 +382,19 @@ def train(config=None, **overrides):
             run (its `model.keras` or `metrics.json`); without it that raises
             `FileExistsError`. Its files are replaced as the new run writes
             its own; `log.csv` and `logs/` are appended to. An unfinished run (one with a backup) always resumes.
+        remat: bool. Recompute each encoder block (and ResNet stage) in the
+            backward pass: less memory, same gradients.
+        trainable: str or None. `all`, `head` (a linear probe) or `blocks:N`
+            (the last N blocks, the final norm and the head); the others get
+            no optimizer slots. None: all (with `lora_rank`: the adapters and
+            the head).
+        layer_decay: float or None. Learning rate x decay^(L - i) for block
+            i, the embeddings deepest, the head x 1 (BEiT/MAE).
+        lora_rank, lora_alpha: int, float or None. LoRA adapters on the
+            attention and MLP projections; `model.keras` and the exports hold
+            them folded into the kernels. alpha None: the rank.
+        input_channels: int. 1 trains a grey model (a checkpoint's first
+            convolution summed over RGB; image files read as grey).
         Other arguments: see `vit-keras train --help`.
 
     Raises:
@@ -383,12 +416,15 @@ def train(config=None, **overrides):
 def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_dir, download, optimizer,
          learning_rate, weight_decay, warmup_steps, grad_accum, clipnorm, label_smoothing, dropout,
          randaugment, mixup, cutmix, crop_area, strategy, precision, jit_compile, seed, backup_every,
-         overwrite, verbose):
+         overwrite, verbose, remat=False, trainable=None, layer_decay=None, lora_rank=None, lora_alpha=None,
+         input_channels=3):
     """One run of `train`, from the fields of its `TrainConfig`."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; use one of {PRECISIONS}.")
     _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, warmup_steps,
                      learning_rate, crop_area)
+    finetune.check_arguments(trainable, layer_decay, lora_rank, lora_alpha, input_channels,
+                             num_layers=_num_layers(model), image_files=True)
     keras.utils.set_random_seed(seed)
     backend = keras.backend.backend()
     if backend == "jax":
@@ -419,10 +455,16 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
     keras.config.set_dtype_policy(precision)
     try:
         with dist.scope():
-            net = _model_from(model, num_classes, splits.class_names, image_size, weights, dropout)
+            net = _model_from(model, num_classes, splits.class_names, image_size, weights, dropout,
+                              input_channels)
+            net = finetune.prepare(net, remat=remat, trainable=trainable, lora_rank=lora_rank,
+                                   lora_alpha=lora_alpha)
+            opt = make_optimizer(optimizer, learning_rate, total_steps, warmup_steps, weight_decay, grad_accum,
+                                 clipnorm)
+            if layer_decay is not None:
+                opt = finetune.layer_decay_optimizer(opt, layer_decay, finetune.encoder(net).num_layers)
             net.compile(
-                optimizer=make_optimizer(optimizer, learning_rate, total_steps, warmup_steps,
-                                         weight_decay, grad_accum, clipnorm),
+                optimizer=opt,
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing),
                 metrics=[
                     keras.metrics.CategoricalAccuracy(name="top1"),
@@ -433,6 +475,9 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
     finally:
         keras.config.set_dtype_policy(previous_policy)
     size = net.input_shape[1:3]
+    counts = finetune.param_counts(net)
+    logger.info("Training %s: %d of %d parameters trainable (%.2f%%).", net.name, counts["trainable_params"],
+                counts["total_params"], 100 * counts["trainable_params"] / max(counts["total_params"], 1))
     pipe = dict(image_size=size, num_classes=num_classes, batch_size=batch_size, seed=seed)
     train_ds = data_lib.make_pipeline(
         splits.train, training=True, repeat=True, flip=splits.flip,
@@ -441,9 +486,13 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
     )
     val_ds = data_lib.make_pipeline(splits.validation, **pipe)
     test_ds = data_lib.make_pipeline(splits.test, **pipe)
+    channels = net.input_shape[-1]
+    train_ds, val_ds, test_ds = (reshape.channel_batches(ds, channels) for ds in (train_ds, val_ds, test_ds))
 
     backup = ResumableBackup(os.path.join(out_dir, "backup"), backup_every or steps_per_epoch)
     resumed_from = step = backup.restore(net)[0]
+    if step:
+        finetune.restart_adapters(net)
     if step:
         logger.warning("Resuming %s at step %d of %d.", out, step, total_steps)
     elif finished:
@@ -493,6 +542,7 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
         "backend": backend,
         "replicas": dist.num_replicas_in_sync,
         "class_names": splits.class_names,
+        **counts,
     }
     atomic_save(net, os.path.join(out_dir, "model.keras"))
     atomic_write_json(metrics, os.path.join(out_dir, "metrics.json"))

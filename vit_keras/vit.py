@@ -38,6 +38,8 @@ def create(
     checkpoint_grid=None,
     class_names=None,
     name=None,
+    remat=False,
+    input_channels=3,
 ):
     """Builds a model from a name or a `ViTConfig`, with weights resolved and read once.
 
@@ -74,6 +76,10 @@ def create(
             ImageNet-1k's for a published ImageNet-1k head. Defaults to None.
         name: str or None. Model name; None takes the config's name with
             dashes. Defaults to None.
+        remat: bool. Recompute each encoder block (and ResNet stage) in the
+            backward pass. Defaults to False.
+        input_channels: int. Channels of the input images; a checkpoint's
+            first convolution is adapted (see `build_model`). Defaults to 3.
 
     Example:
     >>> model = create("vit_hybrid_tiny", classes=10, image_size=64)
@@ -109,6 +115,8 @@ def create(
         keep_pre_logits=keep_pre_logits,
         checkpoint_grid=checkpoint_grid,
         class_names=class_names,
+        remat=remat,
+        input_channels=input_channels,
     )
 
 

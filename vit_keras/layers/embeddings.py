@@ -29,6 +29,8 @@ class Embeddings(keras.layers.Layer):
         prestandardized: bool. The ResNet's stored conv kernels are already
             standardised (see `StdConv2D`). Defaults to False.
         class_token: bool. Prepend the class token `cls`. Defaults to True.
+        remat: bool. Recompute each ResNet stage in the backward pass (see
+            `Encoder`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -46,6 +48,7 @@ class Embeddings(keras.layers.Layer):
         resnet_width_factor=1,
         prestandardized=False,
         class_token=True,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -56,6 +59,7 @@ class Embeddings(keras.layers.Layer):
         self.resnet_width_factor = resnet_width_factor
         self.prestandardized = prestandardized
         self.class_token = class_token
+        self.remat = bool(remat)
 
     @property
     def stride(self):
@@ -86,6 +90,7 @@ class Embeddings(keras.layers.Layer):
                 self.resnet_layers,
                 self.resnet_width_factor,
                 self.prestandardized,
+                remat=self.remat,
                 name="resnet",
             )
             self.resnet.build(shape)
@@ -150,6 +155,7 @@ class Embeddings(keras.layers.Layer):
                 "resnet_width_factor": self.resnet_width_factor,
                 "prestandardized": self.prestandardized,
                 "class_token": self.class_token,
+                "remat": self.remat,
             }
         )
         return config

@@ -15,6 +15,10 @@ class Encoder(keras.layers.Layer):
         mlp_dim: int. Width of each MLP's hidden layer.
         dropout: float. Dropout inside the blocks. Defaults to 0.
         attention_dropout: float. Dropout on attention weights. Defaults to 0.
+        remat: bool. Recompute each block in the backward pass instead of
+            keeping its activations (`keras.remat`: `tf.recompute_grad`,
+            `jax.checkpoint`, `torch.utils.checkpoint`). Same outputs and
+            gradients, less memory. Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -38,7 +42,7 @@ class Encoder(keras.layers.Layer):
     """
 
     def __init__(
-        self, num_layers, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0, **kwargs
+        self, num_layers, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0, remat=False, **kwargs
     ):
         super().__init__(**kwargs)
         self.num_layers = num_layers
@@ -46,6 +50,7 @@ class Encoder(keras.layers.Layer):
         self.mlp_dim = mlp_dim
         self.dropout = dropout
         self.attention_dropout = attention_dropout
+        self.remat = bool(remat)
 
     def build(self, input_shape):
         self.blocks = []
@@ -70,6 +75,8 @@ class Encoder(keras.layers.Layer):
             if return_weights:
                 x, w = block(x, training=training)
                 weights.append(w)
+            elif self.remat:
+                x = remat_call(block, x, training=training, return_weights=False)
             else:
                 x = block(x, training=training, return_weights=False)
         x = self.encoder_norm(x)
@@ -95,6 +102,16 @@ class Encoder(keras.layers.Layer):
                 "mlp_dim": self.mlp_dim,
                 "dropout": self.dropout,
                 "attention_dropout": self.attention_dropout,
+                "remat": self.remat,
             }
         )
         return config
+
+
+def remat_call(layer, inputs, **kwargs):
+    """`layer(inputs, **kwargs)` recomputed in the backward pass (`keras.remat`).
+
+    The keywords are bound outside the rematerialised function: `tf.recompute_grad`
+    takes no keywords in a graph and `jax.checkpoint` would trace the Python flags.
+    """
+    return keras.remat(lambda x: layer(x, **kwargs))(inputs)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from vit_keras.layers.encoder import remat_call
 from vit_keras.layers.group_norm import GroupNorm
 from vit_keras.layers.std_conv import StdConv2D
 
@@ -206,6 +207,8 @@ class ResNet(keras.layers.Layer):
         width_factor: float. Multiplies the base width 64. Defaults to 1.
         prestandardized: bool. The convs' stored kernels are already
             standardised (see `StdConv2D`). Defaults to False.
+        remat: bool. Recompute each stage in the backward pass (see
+            `Encoder`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -216,11 +219,12 @@ class ResNet(keras.layers.Layer):
     ['block1', 'block2']
     """
 
-    def __init__(self, block_units, width_factor=1, prestandardized=False, **kwargs):
+    def __init__(self, block_units, width_factor=1, prestandardized=False, remat=False, **kwargs):
         super().__init__(**kwargs)
         self.block_units = tuple(block_units)
         self.width_factor = width_factor
         self.prestandardized = prestandardized
+        self.remat = bool(remat)
 
     @property
     def width(self):
@@ -269,7 +273,7 @@ class ResNet(keras.layers.Layer):
     def call(self, inputs):
         x = self.root(inputs)
         for stage in self.stages:
-            x = stage(x)
+            x = remat_call(stage, x) if self.remat else stage(x)
         return x
 
     def compute_output_shape(self, input_shape):
@@ -284,6 +288,7 @@ class ResNet(keras.layers.Layer):
                 "block_units": list(self.block_units),
                 "width_factor": self.width_factor,
                 "prestandardized": self.prestandardized,
+                "remat": self.remat,
             }
         )
         return config

@@ -56,7 +56,7 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
         dict with `path` (what was written) and, for TFLite, `rows` (the
         parity table, see `tflite.format_parity`) and `dataset`.
     """
-    from vit_keras import data, files
+    from vit_keras import data, files, finetune
     from vit_keras.serving import folders, tflite
 
     if format not in FORMATS:
@@ -68,7 +68,7 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
         dataset = dataset or recorded_dataset(model)
     if format == "tflite" and dataset is None:
         raise ValueError("TFLite export needs a dataset (--dataset) for calibration and the parity check.")
-    net = files.load_keras(model)
+    net = finetune.merge_lora(files.load_keras(model))  # exports hold LoRA adapters folded into the kernels
     try:
         if format == "saved_model":
             from vit_keras.serving.saved_model import export_saved_model
