@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 MODELS = {"vit_b16": "ViT-B/16", "vit_r50_b16": "R50+ViT-B/16"}
 VARIANTS = ("plain", "remat", "lora8", "head")
 # (model, size, batch) in the order they run; the first rows are the ones that must run.
-GRID = [("vit_b16", 224, 8), ("vit_b16", 224, 32), ("vit_r50_b16", 224, 8), ("vit_b16", 384, 8),
+GRID = [("vit_b16", 224, 8), ("vit_r50_b16", 224, 8), ("vit_b16", 224, 32), ("vit_b16", 384, 8),
         ("vit_r50_b16", 224, 32), ("vit_r50_b16", 384, 8), ("vit_b16", 384, 32), ("vit_r50_b16", 384, 32)]
 
 
@@ -120,10 +120,7 @@ def main():
         model_name, size, batch, variant = args.one
         print("RESULT " + json.dumps(one(model_name, int(size), int(batch), variant)))
         return
-    from common import machine, matmul_gflops
-
-    print(machine())
-    print(f"matmul: {matmul_gflops():.0f} GFLOP/s (float32, TensorFlow, all cores)")
+    print(describe_machine())
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -153,6 +150,27 @@ def main():
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
     print_table(args.out)
+
+
+def describe_machine():
+    """CPU model and flags, and the matmul rate (TensorFlow); on a machine without TensorFlow, JAX's devices."""
+    cpu, flags = "?", []
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu == "?":
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = [x for x in line.split(":", 1)[1].split() if x.startswith(("avx512", "amx", "fma"))]
+    text = f"CPU: {cpu}, {os.cpu_count()} cores; flags: {' '.join(sorted(flags)[:8])}"
+    try:
+        from common import machine, matmul_gflops
+
+        return f"{text}\n{machine()}; matmul {matmul_gflops():.0f} GFLOP/s (float32, TensorFlow, all cores)"
+    except ImportError:  # the GPU machine has no TensorFlow
+        import jax
+
+        return f"{text}\nJAX devices: {jax.devices()}"
 
 
 def print_table(path):

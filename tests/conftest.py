@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
 
 # Scripts that tests run in subprocesses; importing them (--doctest-modules) would run them.
-collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "recipe_run.py",
+collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "finetune_run.py", "recipe_run.py",
                   "upstream_multi_worker.py"]
 CASES = ["tiny_vit", "tiny_r50", "tiny_r50_posemb", "tiny_vit_gap", "tiny_rti"]
 

@@ -16,9 +16,9 @@ LEVELS = [
     {"preprocessing", "presets", "files", "download"},
     {"layers"},
     {"checkpoint"},
-    {"model", "utils"},
+    {"model", "utils", "reshape"},
     {"vit", "features", "predict"},
-    {"data", "distribute", "visualize"},
+    {"data", "distribute", "visualize", "finetune"},
     {"training", "evaluate", "serving"},
     {"export", "cli"},
 ]

@@ -5,8 +5,8 @@ Each is a `TrainConfig` field and a `vit-keras train` flag of the same name
 
 >>> import vit_keras
 >>> model = vit_keras.build_model(32, 16, 2, 64, 4, 128, classes=10)
->>> enable_lora(model, rank=4)
->>> set_trainable(model, lora=True)
+>>> model = enable_lora(model, rank=4)
+>>> model = set_trainable(model, lora=True)
 >>> counts = param_counts(model)
 >>> counts["trainable_params"] < counts["total_params"] // 10
 True

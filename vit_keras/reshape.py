@@ -101,7 +101,7 @@ def resize(model, image_size=None, input_channels=None):
     Example:
     >>> import vit_keras
     >>> model = vit_keras.build_model(32, 16, 2, 64, 4, 128, classes=10)
-    >>> resize(model, image_size=(48, 64)).get_layer("embeddings").pos_embedding.shape
+    >>> tuple(resize(model, image_size=(48, 64)).get_layer("embeddings").pos_embedding.shape)
     (1, 13, 64)
     """
     from vit_keras import finetune
