@@ -70,12 +70,16 @@ def main():
     ]
     for name, options in runs:
         config = dict(model=model_path, dataset=task, image_size=64, epochs=args.epochs, batch_size=32,
-                      learning_rate=0.03, verbose=0, overwrite=True, crop_area=(0.5, 1.0),
+                      learning_rate=0.03, verbose=0, crop_area=(0.5, 1.0),
                       out=os.path.join(args.out, name.strip("-").split()[0] + "_" + str(len(rows))))
         config.update(options)
-        start = time.time()
-        m = training.train(**config).metrics
-        rows.append((name, m["test_top1"], m["trainable_params"], m["total_params"], time.time() - start))
+        done = os.path.join(config["out"], "metrics.json")
+        if os.path.exists(done):  # finished in an earlier run of this script
+            with open(done) as f:
+                m = json.load(f)
+        else:
+            m = training.train(**config).metrics
+        rows.append((name, m["test_top1"], m["trainable_params"], m["total_params"], m["wall_seconds"]))
         print(json.dumps({"run": name, "top1": m["test_top1"], "trainable": m["trainable_params"],
                           "total": m["total_params"]}), flush=True)
     print(f"\nShifted task: digits rotated 90 degrees (grey PNG folder, {args.epochs} epochs, batch 32, "

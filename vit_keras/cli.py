@@ -114,7 +114,7 @@ def add_train_arguments(p):
                    help="LoRA adapters of this rank on the attention and MLP layers (with the head, all that trains)")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (default: the rank)")
     p.add_argument("--input-channels", type=int, default=d.input_channels,
-                   help="1: grey images (the first convolution summed over RGB); default 3")
+                   help="1: grey images (the first convolution summed over RGB); default: the model's (3)")
 
 
 def train_config(args):

@@ -64,6 +64,8 @@ def check_arguments(trainable=None, layer_decay=None, lora_rank=None, lora_alpha
         raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}.")
     if lora_alpha is not None and lora_rank is None:
         raise ValueError("lora_alpha needs lora_rank.")
+    if input_channels is None:
+        return
     from vit_keras.reshape import check_input_channels
 
     check_input_channels(input_channels)

@@ -264,7 +264,7 @@ def _num_layers(spec):
     return None  # a .keras file: checked once it is loaded
 
 
-def _model_from(spec, num_classes, class_names, image_size, weights, dropout, input_channels=3):
+def _model_from(spec, num_classes, class_names, image_size, weights, dropout, input_channels=None):
     """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
         model = keras.saving.load_model(spec)
@@ -272,11 +272,12 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout, in
             raise ValueError(
                 f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
             )
-        if image_size is not None or input_channels != model.input_shape[-1]:  # continue at another size
+        if image_size is not None or input_channels not in (None, model.input_shape[-1]):  # another size
             model = reshape.resize(model, image_size=image_size, input_channels=input_channels)
         return model
     from vit_keras import vit
 
+    input_channels = input_channels or 3
     if isinstance(spec, dict):  # build_model arguments
         config = dict(spec, classes=num_classes, class_names=class_names,
                       image_size=image_size or spec.get("image_size", 224),
@@ -337,7 +338,7 @@ class TrainConfig:
     layer_decay: float = None
     lora_rank: int = None
     lora_alpha: float = None
-    input_channels: int = 3
+    input_channels: int = None
 
 
 # `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
@@ -393,8 +394,9 @@ def train(config=None, **overrides):
         lora_rank, lora_alpha: int, float or None. LoRA adapters on the
             attention and MLP projections; `model.keras` and the exports hold
             them folded into the kernels. alpha None: the rank.
-        input_channels: int. 1 trains a grey model (a checkpoint's first
-            convolution summed over RGB; image files read as grey).
+        input_channels: int or None. 1 trains a grey model (a checkpoint's
+            first convolution summed over RGB; image files read as grey).
+            None: the model's (3 for a new one).
         Other arguments: see `vit-keras train --help`.
 
     Raises:
@@ -417,7 +419,7 @@ def _run(*, model, dataset, out, epochs, batch_size, image_size, weights, data_d
          learning_rate, weight_decay, warmup_steps, grad_accum, clipnorm, label_smoothing, dropout,
          randaugment, mixup, cutmix, crop_area, strategy, precision, jit_compile, seed, backup_every,
          overwrite, verbose, remat=False, trainable=None, layer_decay=None, lora_rank=None, lora_alpha=None,
-         input_channels=3):
+         input_channels=None):
     """One run of `train`, from the fields of its `TrainConfig`."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; use one of {PRECISIONS}.")
