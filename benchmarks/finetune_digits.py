@@ -9,8 +9,9 @@
 3. Evaluates the pretrained model on it as it is, then fine-tunes it there
    with `vit-keras train`'s options (crop area 0.5-1 as the demo's digits):
    all weights, `--trainable head`,
-   `--trainable blocks:1`, `--layer-decay 0.75`, `--lora-rank 4`, and trains
-   the same model from scratch for comparison; prints test top-1 and the
+   `--trainable blocks:1`, `--layer-decay 0.75`, `--lora-rank 4` (at the
+   recipe's learning rate and at 0.1, as the head), and trains the same
+   model from scratch for comparison; prints test top-1 and the
    share of weights each trains.
 """
 
@@ -67,6 +68,8 @@ def main():
         ("--layer-decay 0.75", dict(layer_decay=0.75)),
         ("--lora-rank 4", dict(lora_rank=4)),
         ("from scratch (same epochs)", dict(model="vit_hybrid_tiny")),
+        ("--lora-rank 4 --lr 0.1", dict(lora_rank=4, learning_rate=0.1)),
+        ("--trainable blocks:1 --lr 0.1", dict(trainable="blocks:1", learning_rate=0.1)),
     ]
     for name, options in runs:
         config = dict(model=model_path, dataset=task, image_size=64, epochs=args.epochs, batch_size=32,

@@ -45,6 +45,37 @@ def estimate_gb(model, size, batch, variant):
     return total / 2**30
 
 
+def remat_overhead(model_name, size, batch, rounds=4):
+    """Median step times of the plain and the remat model, steps alternated so that load from other
+    processes hits both alike."""
+    import numpy as np
+
+    import keras
+    import vit_keras
+    from vit_keras import training
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (batch, size, size, 3)).astype("float32")
+    y = np.eye(10, dtype="float32")[np.arange(batch) % 10]
+    models = {}
+    for remat in (False, True):
+        m = vit_keras.create(model_name, classes=10, image_size=size, remat=remat)
+        m.compile(optimizer=training.make_optimizer("sgd", 0.01, 1000, 10),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                  jit_compile=keras.backend.backend() == "jax")
+        m.train_on_batch(x, y)
+        models[remat] = m
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for remat, m in models.items():
+            start = time.perf_counter()
+            m.train_on_batch(x, y)
+            times[remat].append(time.perf_counter() - start)
+    plain, remat = (float(np.median(times[k])) for k in (False, True))
+    return {"backend": keras.backend.backend(), "model": model_name, "size": size, "batch": batch,
+            "plain_s": plain, "remat_s": remat, "overhead": remat / plain - 1}
+
+
 def rss_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -115,7 +146,12 @@ def main():
     p.add_argument("--out", default="finetune_memory.jsonl", help="results, one JSON line per configuration")
     p.add_argument("--only", nargs="*", default=None, help="model:size:batch entries of the grid to run")
     p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--timing", nargs=3, metavar=("MODEL", "SIZE", "BATCH"),
+                   help="only the remat step-time overhead: plain and remat steps alternated in one process")
     args = p.parse_args()
+    if args.timing:
+        print(json.dumps(remat_overhead(args.timing[0], int(args.timing[1]), int(args.timing[2]))))
+        return
     if args.one:
         model_name, size, batch, variant = args.one
         print("RESULT " + json.dumps(one(model_name, int(size), int(batch), variant)))
