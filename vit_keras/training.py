@@ -272,8 +272,9 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout, in
             raise ValueError(
                 f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
             )
-        if image_size is not None or input_channels not in (None, model.input_shape[-1]):  # another size
-            model = reshape.resize(model, image_size=image_size, input_channels=input_channels)
+        size = None if image_size is None else tuple(np.broadcast_to(image_size, 2).tolist())
+        if size not in (None, tuple(model.input_shape[1:3])) or input_channels not in (None, model.input_shape[-1]):
+            model = reshape.resize(model, image_size=size, input_channels=input_channels)  # continue at that size
         return model
     from vit_keras import vit
 
