@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import vit_keras
-from vit_keras import checkpoint, finetune, reshape, training
+from vit_keras import finetune, reshape, training
 
 HERE = pathlib.Path(__file__).parent
 FIXTURES = HERE / "fixtures" / "vit_jax"
@@ -195,7 +195,8 @@ def test_lora_merge_and_counts():
     got = numpy(finetune.encoder(merged).blocks[0].mlp.dense_0.kernel)
     np.testing.assert_allclose(got, w + 2.0 * a @ b, atol=1e-5)
     counts = finetune.param_counts(model)
-    adapters = sum(4 * (int(np.prod(v.shape[:-1])) + v.shape[-1]) for v in (lay._kernel for lay in finetune.lora_layers(model)))
+    kernels = [layer._kernel for layer in finetune.lora_layers(model)]
+    adapters = sum(4 * (int(np.prod(k.shape[:-1])) + k.shape[-1]) for k in kernels)
     assert counts["trainable_params"] == adapters + 64 * 10 + 10
     assert counts["total_params"] == finetune.param_counts(merged)["total_params"] + adapters
 
