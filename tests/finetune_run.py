@@ -1,7 +1,7 @@
 """Fine-tuning checks in a fresh process: `KERAS_BACKEND=jax python tests/finetune_run.py OUT [mirrored]`.
 
 Run by tests/test_finetune.py. On any backend: remat gives the gradients of
-the plain model (tiny ViT and hybrid), and one LoRA step with the layer-decay
+the plain model (tiny ViT and hybrid; dropout on, with the same seeds, off PyTorch), and one LoRA step with the layer-decay
 SGD changes only the adapters and the head, and its `.keras` file opens with
 plain `keras.models.load_model` as the merged model. With `mirrored` (TensorFlow,
 two logical CPUs) it instead trains one short `train` run with remat, LoRA and
@@ -78,14 +78,18 @@ def grads(model, x, y):
 gaps = {}
 for hybrid in (False, True):
     extra = dict(resnet_layers=(1,), resnet_width_factor=0.5, patch_size=1) if hybrid else dict(patch_size=16)
-    args = dict(image_size=32, num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128, classes=10, dropout=0.0,
-                **extra)
+    # Dropout on: the recomputed blocks must draw the masks of the forward pass (PyTorch's dropout takes
+    # its global generator, so there the two models cannot be given the same masks).
+    args = dict(image_size=32, num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128, classes=10,
+                dropout=0.0 if BACKEND == "torch" else 0.3, **extra)
     plain = vit_keras.build_model(**args)
     remat = vit_keras.build_model(**args, remat=True)
     for v in plain.weights:
         if v.path.startswith("head/"):  # the head starts at zero: no gradient would reach the body
             v.assign(rng.normal(size=v.shape).astype("float32"))
     remat.set_weights(plain.get_weights())
+    for a, b in zip(plain.non_trainable_variables, remat.non_trainable_variables):
+        b.assign(a.value)  # the dropout layers' seed states
     x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
     y = np.eye(10, dtype="float32")[[1, 2]]
     g_plain, g_remat = grads(plain, x, y), grads(remat, x, y)

@@ -55,12 +55,14 @@ def test_remat_gradients_and_one_lora_step(backend, tmp_path):
 def test_remat_gradients_tensorflow():
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(0)
-    plain = tiny(resnet_layers=(1,), resnet_width_factor=0.5, patch_size=1)
-    remat = tiny(resnet_layers=(1,), resnet_width_factor=0.5, patch_size=1, remat=True)
+    plain = tiny(resnet_layers=(1,), resnet_width_factor=0.5, patch_size=1, dropout=0.3)
+    remat = tiny(resnet_layers=(1,), resnet_width_factor=0.5, patch_size=1, dropout=0.3, remat=True)
     for v in plain.weights:
         if v.path.startswith("head/"):  # the head starts at zero: no gradient would reach the body
             v.assign(rng.normal(size=v.shape).astype("float32"))
     remat.set_weights(plain.get_weights())
+    for a, b in zip(plain.non_trainable_variables, remat.non_trainable_variables):
+        b.assign(a.value)  # the same dropout seeds: the recomputation must draw the forward pass's masks
     x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
 
     def grads(model):

@@ -111,7 +111,18 @@ class Encoder(keras.layers.Layer):
 def remat_call(layer, inputs, **kwargs):
     """`layer(inputs, **kwargs)` recomputed in the backward pass (`keras.remat`).
 
-    The keywords are bound outside the rematerialised function: `tf.recompute_grad`
-    takes no keywords in a graph and `jax.checkpoint` would trace the Python flags.
+    The layer runs statelessly inside the recomputed function, its variables
+    passed in and its new non-trainable values (dropout's seed state) passed
+    out and assigned outside: the recomputation then draws the same dropout
+    masks, and no value traced inside `jax.checkpoint` leaks out of it. The
+    keywords are bound outside (`tf.recompute_grad` takes none in a graph).
     """
-    return keras.remat(lambda x: layer(x, **kwargs))(inputs)
+    trainable, frozen = layer.trainable_variables, layer.non_trainable_variables
+
+    def run(x, trainable_values, frozen_values):
+        return layer.stateless_call(trainable_values, frozen_values, x, **kwargs)
+
+    outputs, new_frozen = keras.remat(run)(inputs, [v.value for v in trainable], [v.value for v in frozen])
+    for variable, value in zip(frozen, new_frozen):
+        variable.assign(value)
+    return outputs
