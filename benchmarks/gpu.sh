@@ -55,6 +55,12 @@ status=0
 # JAX takes 75 % of the GPU's memory up front by default; batch 256 in float32 may need more.
 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92} KERAS_BACKEND=jax "$PY" benchmarks/gpu.py --sections parity,train,infer --deadline "$deadline" \
   --out "$OUT/jax.jsonl" "${DRY[@]}" || status=1
+# Fine-tuning memory (issue 23): XLA's device memory for one train step of ViT-B/16 and R50+ViT-B/16,
+# plain vs remat vs LoRA rank 8 vs head only (the "XLA temp" column), while time is left.
+if ((${#DRY[@]} == 0)) && (($(date +%s) + 120 < deadline)); then
+  KERAS_BACKEND=jax timeout $((deadline - $(date +%s))) "$PY" benchmarks/finetune_memory.py --backends jax \
+    --limit-gb 100 --out "$OUT/finetune_memory.jsonl" || status=1
+fi
 # PyTorch's process must not find the GPU memory taken: JAX's ended above.
 KERAS_BACKEND=torch "$PY" benchmarks/gpu.py --sections parity,timm,infer,train --deadline "$deadline" \
   --out "$OUT/torch.jsonl" "${DRY[@]}" || status=1

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
 
 # Scripts that tests run in subprocesses; importing them (--doctest-modules) would run them.
-collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "recipe_run.py", "trained_files_run.py",
+collect_ignore = ["backend_run.py", "backend_train_run.py", "distributed_run.py", "finetune_run.py", "recipe_run.py",
+                  "trained_files_run.py",
                   "upstream_multi_worker.py"]
 # The fixtures' generator scripts run timm, transformers or Orbax in venvs of their own.
 collect_ignore_glob = ["fixtures/*/generate.py"]

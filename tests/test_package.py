@@ -16,9 +16,9 @@ LEVELS = [
     {"preprocessing", "presets", "files", "download", "console"},
     {"layers", "optimizers"},
     {"checkpoint", "sources"},
-    {"model", "utils"},
+    {"model", "utils", "reshape"},
     {"vit", "features", "predict"},
-    {"data", "distribute", "visualize", "image_check"},
+    {"data", "distribute", "visualize", "image_check", "finetune"},
     {"training", "evaluate", "serving"},
     {"export", "cli"},
 ]

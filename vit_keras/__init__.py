@@ -22,12 +22,14 @@ from vit_keras import console as _console
 if _console.invoked_as_command():  # `vit-keras`: TensorFlow's own lines silenced before it is imported
     _console.configure(*_console.command_words(_sys.argv[1:]))
 
-from vit_keras import layers, optimizers, presets, utils, vit  # optimizers: registered for .keras files
+# optimizers, finetune: their optimizer classes are registered, so .keras files that name them load
+from vit_keras import finetune, layers, optimizers, presets, utils, vit
 from vit_keras.checkpoint import load_npz
 from vit_keras.features import features_model
 from vit_keras.model import attention_model, build_model, float32_copy, fold_weight_standardization
 from vit_keras.presets import ViTConfig
 from vit_keras.preprocessing import preprocess_inputs
+from vit_keras.reshape import resize
 from vit_keras.utils import get_imagenet_classes
 from vit_keras.vit import (
     BUILDERS,
@@ -53,7 +55,7 @@ __version__ = "0.2.0"
 
 # Imported on first use (PEP 562).
 _LAZY = ("checkpoint", "cli", "data", "distribute", "download", "evaluate", "export", "features", "files",
-         "model", "predict", "preprocessing", "serving", "sources", "training", "visualize")
+         "model", "predict", "preprocessing", "reshape", "serving", "sources", "training", "visualize")
 
 
 def __getattr__(name):
@@ -73,6 +75,7 @@ __all__ = [
     "build_model",
     "create",
     "features_model",
+    "finetune",
     "float32_copy",
     "fold_weight_standardization",
     "get_config",
@@ -81,6 +84,7 @@ __all__ = [
     "load_npz",
     "preprocess_inputs",
     "presets",
+    "resize",
     "utils",
     "vit",
     "vit_b8",

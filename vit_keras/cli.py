@@ -107,6 +107,17 @@ def add_train_arguments(p):
                    help="steps between backups (default: an epoch)")
     p.add_argument("--checkpoint-prefix", default=d.checkpoint_prefix,
                    help="the tower of a two-tower --weights file (SigLIP/LiT: img)")
+    # Fine-tuning big models (vit_keras.finetune, vit_keras.reshape).
+    p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less memory)")
+    p.add_argument("--trainable", default=d.trainable,
+                   help="all | head (linear probe) | blocks:N (last N blocks + norm + head); default all")
+    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                   help="layer-wise learning-rate decay in (0, 1], e.g. 0.75")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help="LoRA adapters of this rank on the attention and MLP layers (with the head, all that trains)")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (default: the rank)")
+    p.add_argument("--input-channels", type=int, default=d.input_channels,
+                   help="1: grey images (the first convolution summed over RGB); default: the model's (3)")
 
 
 def train_config(args):

@@ -76,6 +76,8 @@ def build_model(
     ws_epsilon=None,
     gn_epsilon=None,
     checkpoint_prefix=None,
+    remat=False,
+    input_channels=3,
 ):
     """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
 
@@ -141,6 +143,12 @@ def build_model(
             for timm weights, else 1e-6. Defaults to None.
         checkpoint_prefix: str or None. The tower to load from a two-tower
             file (SigLIP/LiT `params/img/...`: "img"). Defaults to None.
+        remat: bool. Recompute each encoder block (and ResNet stage) in the
+            backward pass: less memory, same gradients. Defaults to False.
+        input_channels: int. Channels of the input images. A 3-channel
+            checkpoint's first convolution is adapted (1: summed over RGB;
+            N: repeated and scaled by 3/N, see `reshape.adapt_input_kernel`).
+            Defaults to 3.
 
     Example:
     >>> model = build_model(32, 16, num_layers=2, hidden_size=64, num_heads=4,
@@ -157,6 +165,9 @@ def build_model(
         raise ValueError(f"classes must be a positive integer (or None with weights), got {classes!r}.")
     if classes is None and weights is None:
         raise ValueError("classes=None takes the checkpoint's head classes: it needs weights.")
+    from vit_keras import reshape
+
+    reshape.check_input_channels(input_channels)
     height, width = _image_shape(image_size)
     params = None
     numerics = dict(layer_norm_epsilon=layer_norm_epsilon, gelu_approximate=gelu_approximate,
@@ -191,15 +202,17 @@ def build_model(
         posemb=posemb,
         ws_epsilon=numerics["ws_epsilon"],
         gn_epsilon=numerics["gn_epsilon"],
+        remat=remat,
         name="embeddings",
     )
     _check_memory(embeddings.grid_size((height, width)), hidden_size, classifier, (height, width))
-    inputs = keras.Input((height, width, 3), name="image")
+    inputs = keras.Input((height, width, input_channels), name="image")
     x = embeddings(inputs)
     # Without the weights the attention is fused (flash attention on a GPU); `attention_model` has them.
     y = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
                 attention_dropout=attention_dropout, layer_norm_epsilon=numerics["layer_norm_epsilon"],
-                gelu_approximate=numerics["gelu_approximate"], name="Transformer")(x, return_weights=False)
+                gelu_approximate=numerics["gelu_approximate"], remat=remat, name="Transformer")(
+        x, return_weights=False)
     if classifier == "token":
         y = ExtractToken(name="class_token")(y)
     elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)
@@ -224,6 +237,7 @@ def build_model(
         )(y)
     model = keras.Model(inputs, y, name=name)
     if params is not None:
+        params = reshape.adapt_input_params(params, input_channels)
         checkpoint.assign(model, params, pretrained_top=pretrained_top,
                           checkpoint_grid=checkpoint_grid, source=path)
     return model

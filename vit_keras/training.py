@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from vit_keras import data as data_lib
-from vit_keras import distribute, files, presets
+from vit_keras import distribute, files, finetune, presets, reshape
 from vit_keras.files import atomic_write_json  # noqa: F401 (also part of this module's API)
 from vit_keras.model import build_model
 
@@ -279,7 +279,7 @@ def _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, w
 
 # TrainConfig fields a resumed run may change: where and how it runs, not what it computes.
 RESUME_MAY_CHANGE = ("out", "overwrite", "verbose", "backup_every", "download", "data_dir", "jit_compile",
-                     "strategy")
+                     "strategy", "remat")
 
 
 def run_settings(config, splits):
@@ -338,7 +338,19 @@ def _finished_run(out_dir):
     return [name for name in FINISHED_FILES if os.path.exists(os.path.join(out_dir, name))]
 
 
-def _model_from(spec, num_classes, class_names, image_size, weights, dropout, checkpoint_prefix=None):
+def _num_layers(spec):
+    """The encoder depth of a model spec, where known without building it (bounds `trainable=blocks:N`)."""
+    if isinstance(spec, dict):
+        return spec.get("num_layers")
+    if isinstance(spec, presets.ViTConfig) or (isinstance(spec, str) and spec in presets.ALL_CONFIGS):
+        from vit_keras import vit
+
+        return vit.get_config(spec).num_layers
+    return None  # a .keras file: checked once it is loaded
+
+
+def _model_from(spec, num_classes, class_names, image_size, weights, dropout, checkpoint_prefix=None,
+                input_channels=None):
     """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
     if isinstance(spec, str) and spec.endswith(".keras"):
         model = files.load_keras(spec)
@@ -346,21 +358,26 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout, ch
             raise ValueError(
                 f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
             )
+        size = None if image_size is None else tuple(np.broadcast_to(image_size, 2).tolist())
+        if size not in (None, tuple(model.input_shape[1:3])) or input_channels not in (None, model.input_shape[-1]):
+            model = reshape.resize(model, image_size=size, input_channels=input_channels)  # continue at that size
         _rename_classes(model, class_names, spec)
         return model
     from vit_keras import vit
 
+    input_channels = input_channels or 3
     if isinstance(spec, dict):  # build_model arguments
         config = dict(spec, classes=num_classes, class_names=class_names,
                       image_size=image_size or spec.get("image_size", 224),
                       dropout=spec.get("dropout", 0.1) if dropout is None else dropout)
-        return build_model(**config, **({"weights": weights} if weights else {}))
+        return build_model(**config, **({"weights": weights} if weights else {}), input_channels=input_channels)
     if isinstance(spec, str) and spec not in presets.ALL_CONFIGS and not vit.is_checkpoint_path(spec):
         known = ", ".join(sorted(presets.ALL_CONFIGS))
         raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
     # image_size None: the published checkpoint's resolution, else 224 (as `create`).
     return vit.create(spec, weights=weights, classes=num_classes, image_size=image_size,
-                      class_names=class_names, dropout=dropout, checkpoint_prefix=checkpoint_prefix)
+                      class_names=class_names, dropout=dropout, checkpoint_prefix=checkpoint_prefix,
+                      input_channels=input_channels)
 
 
 def _rename_classes(model, class_names, source):
@@ -441,6 +458,13 @@ class TrainConfig:
     overwrite: bool = False
     verbose: object = "auto"
     checkpoint_prefix: str = None  # the tower of a two-tower `weights` file ("img")
+    # Fine-tuning big models (`finetune`, `reshape`): see `train`.
+    remat: bool = False
+    trainable: str = None
+    layer_decay: float = None
+    lora_rank: int = None
+    lora_alpha: float = None
+    input_channels: int = None
 
 
 # `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
@@ -485,6 +509,20 @@ def train(config=None, **overrides):
             run (its `model.keras` or `metrics.json`); without it that raises
             `FileExistsError`. Its files are replaced as the new run writes
             its own; `log.csv` and `logs/` are appended to. An unfinished run (one with a backup) always resumes.
+        remat: bool. Recompute each encoder block (and ResNet stage) in the
+            backward pass: less memory, same gradients.
+        trainable: str or None. `all`, `head` (a linear probe) or `blocks:N`
+            (the last N blocks, the final norm and the head); the others get
+            no optimizer slots. None: all (with `lora_rank`: the adapters and
+            the head).
+        layer_decay: float or None. Learning rate x decay^(L - i) for block
+            i, the embeddings deepest, the head x 1 (BEiT/MAE).
+        lora_rank, lora_alpha: int, float or None. LoRA adapters on the
+            attention and MLP projections; `model.keras` and the exports hold
+            them folded into the kernels. alpha None: the rank.
+        input_channels: int or None. 1 trains a grey model (a checkpoint's
+            first convolution summed over RGB; image files read as grey).
+            None: the model's (3 for a new one).
         Other arguments: see `vit-keras train --help`.
 
     Raises:
@@ -540,6 +578,8 @@ def _validate(c):
     _check_arguments(c.epochs, c.batch_size, c.image_size, c.grad_accum, c.backup_every, c.warmup_steps,
                      c.learning_rate, c.crop_area)
     _check_numbers(c)
+    finetune.check_arguments(c.trainable, c.layer_decay, c.lora_rank, c.lora_alpha, c.input_channels,
+                             num_layers=_num_layers(c.model), image_files=True)
     if isinstance(c.model, str) and c.model.endswith(".keras"):
         given = [f"--{name.replace('_', '-')}" for name in ("weights", "dropout") if getattr(c, name) is not None]
         if given:
@@ -571,10 +611,15 @@ def _compiled_model(c, dist, splits, total_steps, jit_compile):
     try:
         with dist.scope():
             net = _model_from(c.model, num_classes, splits.class_names, c.image_size, c.weights, c.dropout,
-                              c.checkpoint_prefix)
+                              c.checkpoint_prefix, c.input_channels)
+            net = finetune.prepare(net, remat=c.remat, trainable=c.trainable, lora_rank=c.lora_rank,
+                                   lora_alpha=c.lora_alpha)
+            opt = make_optimizer(c.optimizer, c.learning_rate, total_steps, warmup_steps, c.weight_decay,
+                                 c.grad_accum, c.clipnorm)
+            if c.layer_decay is not None:
+                opt = finetune.layer_decay_optimizer(opt, c.layer_decay, finetune.encoder(net).num_layers)
             net.compile(
-                optimizer=make_optimizer(c.optimizer, c.learning_rate, total_steps, warmup_steps,
-                                         c.weight_decay, c.grad_accum, c.clipnorm),
+                optimizer=opt,
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=c.label_smoothing),
                 metrics=[
                     keras.metrics.CategoricalAccuracy(name="top1"),
@@ -600,6 +645,9 @@ def _fit(c, dist, out_dir, splits, finished):
     total_steps = c.epochs * steps_per_epoch
     net = _compiled_model(c, dist, splits, total_steps, jit_compile)
     size = net.input_shape[1:3]
+    counts = finetune.param_counts(net)
+    logger.info("Training %s: %d of %d parameters trainable (%.2f%%).", net.name, counts["trainable_params"],
+                counts["total_params"], 100 * counts["trainable_params"] / max(counts["total_params"], 1))
     pipe = dict(image_size=size, num_classes=num_classes, batch_size=c.batch_size, seed=c.seed)
     train_ds = data_lib.make_pipeline(
         splits.train, training=True, repeat=True, flip=splits.flip,
@@ -608,10 +656,13 @@ def _fit(c, dist, out_dir, splits, finished):
     )
     val_ds = data_lib.make_pipeline(splits.validation, **pipe)
     test_ds = data_lib.make_pipeline(splits.test, **pipe)
+    channels = net.input_shape[-1]
+    train_ds, val_ds, test_ds = (reshape.channel_batches(ds, channels) for ds in (train_ds, val_ds, test_ds))
 
     backup.every = c.backup_every or steps_per_epoch
     resumed_from = step = backup.restore(net)[0]
     if step:
+        finetune.restart_adapters(net)
         logger.warning("Resuming %s at step %d of %d.", c.out, step, total_steps)
     elif finished:
         logger.warning("Training again in %s (overwrite): its finished run's files are replaced "
@@ -661,6 +712,7 @@ def _fit(c, dist, out_dir, splits, finished):
         "backend": backend,
         "replicas": dist.num_replicas_in_sync,
         "class_names": splits.class_names,
+        **counts,
     }
     atomic_save(net, os.path.join(out_dir, "model.keras"))
     atomic_write_json(metrics, os.path.join(out_dir, "metrics.json"))

@@ -64,6 +64,8 @@ def create(
     class_names=None,
     name=None,
     checkpoint_prefix=None,
+    remat=False,
+    input_channels=3,
 ):
     """Builds a model from a name or a `ViTConfig`, with weights resolved and read once.
 
@@ -109,6 +111,10 @@ def create(
             dashes. Defaults to None.
         checkpoint_prefix: str or None. The tower of a two-tower file
             (SigLIP/LiT: "img"). Defaults to None.
+        remat: bool. Recompute each encoder block (and ResNet stage) in the
+            backward pass. Defaults to False.
+        input_channels: int. Channels of the input images; a checkpoint's
+            first convolution is adapted (see `build_model`). Defaults to 3.
 
     Example:
     >>> model = create("vit_hybrid_tiny", classes=10, image_size=64)
@@ -171,6 +177,8 @@ def create(
         keep_pre_logits=keep_pre_logits,
         checkpoint_grid=checkpoint_grid,
         class_names=class_names,
+        remat=remat,
+        input_channels=input_channels,
     )
 
 

@@ -63,6 +63,8 @@ class Embeddings(keras.layers.Layer):
         ws_epsilon: float. The ResNet's weight-standardisation epsilon.
             Defaults to 1e-5.
         gn_epsilon: float. The ResNet's GroupNorm epsilon. Defaults to 1e-6.
+        remat: bool. Recompute each ResNet stage in the backward pass (see
+            `Encoder`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -83,6 +85,7 @@ class Embeddings(keras.layers.Layer):
         posemb="learn",
         ws_epsilon=WS_EPSILON,
         gn_epsilon=GN_EPSILON,
+        remat=False,
         **kwargs,
     ):
         if posemb not in POSEMBS:
@@ -98,6 +101,7 @@ class Embeddings(keras.layers.Layer):
         self.posemb = posemb
         self.ws_epsilon = ws_epsilon
         self.gn_epsilon = gn_epsilon
+        self.remat = bool(remat)
 
     @property
     def stride(self):
@@ -130,6 +134,7 @@ class Embeddings(keras.layers.Layer):
                 self.prestandardized,
                 self.ws_epsilon,
                 self.gn_epsilon,
+                remat=self.remat,
                 name="resnet",
             )
             self.resnet.build(shape)
@@ -203,6 +208,7 @@ class Embeddings(keras.layers.Layer):
                 "posemb": self.posemb,
                 "ws_epsilon": self.ws_epsilon,
                 "gn_epsilon": self.gn_epsilon,
+                "remat": self.remat,
             }
         )
         return config

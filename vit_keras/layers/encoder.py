@@ -19,6 +19,10 @@ class Encoder(keras.layers.Layer):
             checkpoints, 1e-12 in Hugging Face's). Defaults to 1e-6.
         gelu_approximate: bool. The MLP's GELU in tanh form (Google's); False
             is the exact erf form (timm's, Hugging Face's). Defaults to True.
+        remat: bool. Recompute each block in the backward pass instead of
+            keeping its activations (`keras.remat`: `tf.recompute_grad`,
+            `jax.checkpoint`, `torch.utils.checkpoint`). Same outputs and
+            gradients, less memory. Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -43,7 +47,7 @@ class Encoder(keras.layers.Layer):
 
     def __init__(
         self, num_layers, num_heads, mlp_dim, dropout=0.0, attention_dropout=0.0,
-        layer_norm_epsilon=LN_EPSILON, gelu_approximate=True, **kwargs
+        layer_norm_epsilon=LN_EPSILON, gelu_approximate=True, remat=False, **kwargs
     ):
         super().__init__(**kwargs)
         self.num_layers = num_layers
@@ -53,6 +57,7 @@ class Encoder(keras.layers.Layer):
         self.attention_dropout = attention_dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.gelu_approximate = gelu_approximate
+        self.remat = bool(remat)
 
     def build(self, input_shape):
         self.blocks = []
@@ -79,6 +84,8 @@ class Encoder(keras.layers.Layer):
             if return_weights:
                 x, w = block(x, training=training)
                 weights.append(w)
+            elif self.remat:
+                x = remat_call(block, x, training=training, return_weights=False)
             else:
                 x = block(x, training=training, return_weights=False)
         x = self.encoder_norm(x)
@@ -106,6 +113,27 @@ class Encoder(keras.layers.Layer):
                 "attention_dropout": self.attention_dropout,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "gelu_approximate": self.gelu_approximate,
+                "remat": self.remat,
             }
         )
         return config
+
+
+def remat_call(layer, inputs, **kwargs):
+    """`layer(inputs, **kwargs)` recomputed in the backward pass (`keras.remat`).
+
+    The layer runs statelessly inside the recomputed function, its variables
+    passed in and its new non-trainable values (dropout's seed state) passed
+    out and assigned outside: the recomputation then draws the same dropout
+    masks, and no value traced inside `jax.checkpoint` leaks out of it. The
+    keywords are bound outside (`tf.recompute_grad` takes none in a graph).
+    """
+    trainable, frozen = layer.trainable_variables, layer.non_trainable_variables
+
+    def run(x, trainable_values, frozen_values):
+        return layer.stateless_call(trainable_values, frozen_values, x, **kwargs)
+
+    outputs, new_frozen = keras.remat(run)(inputs, [v.value for v in trainable], [v.value for v in frozen])
+    for variable, value in zip(frozen, new_frozen):
+        variable.assign(value)
+    return outputs

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from vit_keras.layers.encoder import remat_call
 from vit_keras.layers.group_norm import GroupNorm
 from vit_keras.layers.std_conv import WS_EPSILON, StdConv2D
 
@@ -234,6 +235,8 @@ class ResNet(keras.layers.Layer):
             Defaults to 1e-5.
         gn_epsilon: float. GroupNorm epsilon (1e-6 in Google's checkpoints,
             1e-5 in timm's). Defaults to 1e-6.
+        remat: bool. Recompute each stage in the backward pass (see
+            `Encoder`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Example:
@@ -245,13 +248,14 @@ class ResNet(keras.layers.Layer):
     """
 
     def __init__(self, block_units, width_factor=1, prestandardized=False, ws_epsilon=WS_EPSILON,
-                 gn_epsilon=GN_EPSILON, **kwargs):
+                 gn_epsilon=GN_EPSILON, remat=False, **kwargs):
         super().__init__(**kwargs)
         self.block_units = tuple(block_units)
         self.width_factor = width_factor
         self.prestandardized = prestandardized
         self.ws_epsilon = ws_epsilon
         self.gn_epsilon = gn_epsilon
+        self.remat = bool(remat)
 
     @property
     def width(self):
@@ -300,7 +304,7 @@ class ResNet(keras.layers.Layer):
     def call(self, inputs):
         x = self.root(inputs)
         for stage in self.stages:
-            x = stage(x)
+            x = remat_call(stage, x) if self.remat else stage(x)
         return x
 
     def compute_output_shape(self, input_shape):
@@ -317,6 +321,7 @@ class ResNet(keras.layers.Layer):
                 "prestandardized": self.prestandardized,
                 "ws_epsilon": self.ws_epsilon,
                 "gn_epsilon": self.gn_epsilon,
+                "remat": self.remat,
             }
         )
         return config

@@ -75,10 +75,10 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
 
 def _export(model, format, out, dataset, name, version, variants, overwrite, calibration, parity, batch_size,
             strict_int8, keep):
-    from vit_keras import data, files
+    from vit_keras import data, files, finetune
     from vit_keras.serving import tflite
 
-    net = files.load_keras(model)
+    net = finetune.merge_lora(files.load_keras(model))  # exports hold LoRA adapters folded into the kernels
     if len(net.outputs) != 1:
         raise ValueError(f"{model if keep else net.name} has {len(net.outputs)} outputs; export takes a "
                          "classifier with one (its logits), such as the files `vit-keras train` writes.")
