@@ -47,7 +47,9 @@ def machine():
 
 def table(rows, columns):
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    line = lambda values: "| " + " | ".join(str(v).ljust(w) for v, w in zip(values, widths)) + " |"
+    def line(values):
+        return "| " + " | ".join(str(v).ljust(w) for v, w in zip(values, widths)) + " |"
+
     out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line([r.get(c, "") for c in columns]) for r in rows]
     return "\n".join(out)

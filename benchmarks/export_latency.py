@@ -142,7 +142,8 @@ def main():
             keras_fn = tf.function(lambda v, m=model: probabilities(m, v), reduce_retracing=True)
             engines = {("keras", "float32"): (lambda x, f=keras_fn: np.asarray(f(tf.constant(x))))}
             if use_onnx:
-                engines[("onnxruntime", "float32")] = onnx_engine(onnx_export.onnx_session(onnx_folder, threads=THREADS))
+                session = onnx_export.onnx_session(onnx_folder, threads=THREADS)
+                engines[("onnxruntime", "float32")] = onnx_engine(session)
             for label, path in paths.items():
                 engines[("tflite", label)] = tflite_engine(tflite.tflite_interpreter(path, num_threads=THREADS))
             one = interleaved({k: (lambda fn=fn: fn(x1)) for k, fn in engines.items()}, args.rounds, args.calls)

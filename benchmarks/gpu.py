@@ -269,7 +269,7 @@ def train(args, info):
             try:
                 model.fit(SameBatch.make(batch, size, classes), epochs=1, steps_per_epoch=warmup + steps,
                           verbose=0, callbacks=[Mark()])
-            except Exception as e:  # noqa: BLE001 (an out-of-memory row, not the end of the run)
+            except Exception as e:
                 if not is_oom(e):
                     raise
                 row["error"] = "out of memory"
@@ -376,7 +376,8 @@ def timm_section(args, info):
 def report(paths):
     rows = [json.loads(line) for p in paths if os.path.exists(p) for line in open(p) if line.strip()]
     columns = ["backend", "section", "case", "model", "mode", "precision", "batch", "images_per_s", "step_ms",
-               "tflops", "mfu_nominal", "mfu_measured", "peak_gib", "logits_err", "attn_err", "ok", "seconds", "skipped",
+               "tflops", "mfu_nominal", "mfu_measured", "peak_gib", "logits_err", "attn_err", "ok", "seconds",
+               "skipped",
                "error"]
     used = [c for c in columns if any(c in r for r in rows)]
     widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in used}

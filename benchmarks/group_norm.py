@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, table, timed  # noqa: E402
+from common import machine, table, timed
 
 # (H, W, C, occurrences in one R50 (3,4,9) forward pass at 224)
 SHAPES = [

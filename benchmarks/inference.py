@@ -38,7 +38,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GFLOPS_224, machine, matmul_gflops, table, timed  # noqa: E402
+from common import GFLOPS_224, machine, matmul_gflops, table, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(ROOT, ".bench")

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GFLOPS_224, machine, matmul_gflops, table  # noqa: E402
+from common import GFLOPS_224, machine, matmul_gflops, table
 
 
 def measure(name, precision, jit, batch, steps, size):

@@ -13,7 +13,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import no_tensorflow  # noqa: E402
+import no_tensorflow
 
 no_tensorflow.install()
 

@@ -9,8 +9,8 @@ import tempfile
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="vit_keras_home_"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "vit_jax"
 

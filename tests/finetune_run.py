@@ -1,7 +1,8 @@
 """Fine-tuning checks in a fresh process: `KERAS_BACKEND=jax python tests/finetune_run.py OUT [mirrored]`.
 
 Run by tests/test_finetune.py. On any backend: remat gives the gradients of
-the plain model (tiny ViT and hybrid; dropout on, with the same seeds, off PyTorch), and one LoRA step with the layer-decay
+the plain model (tiny ViT and hybrid; dropout on, with the same seeds, off PyTorch), and one LoRA step with the
+layer-decay
 SGD changes only the adapters and the head, and its `.keras` file opens with
 plain `keras.models.load_model` as the merged model. With `mirrored` (TensorFlow,
 two logical CPUs) it instead trains one short `train` run with remat, LoRA and

@@ -176,7 +176,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
 
 
 def test_export_from_a_jax_process_gives_the_tensorflow_savedmodel(tmp_path):
-    """`vit-keras export` under KERAS_BACKEND=jax runs the export under TensorFlow; a JAX-saved .keras serves its outputs."""
+    """`vit-keras export` under KERAS_BACKEND=jax runs the export under TensorFlow; a JAX-saved .keras serves."""
     import subprocess
     import sys
 

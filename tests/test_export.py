@@ -392,7 +392,8 @@ def test_parity_table_runs_in_bounded_batches(tiny_model, tmp_path, monkeypatch)
                         lambda self, **kw: (fed.append(kw["images"].shape), original_call(self, **kw))[1])
     original_predict = type(tiny_model).predict_on_batch
     monkeypatch.setattr(type(tiny_model), "predict_on_batch",
-                        lambda self, x, *a, **kw: (keras_batches.append(len(x)), original_predict(self, x, *a, **kw))[1])
+                        lambda self, x, *a, **kw: (keras_batches.append(len(x)),
+                                                   original_predict(self, x, *a, **kw))[1])
     rows = {r["variant"]: r for r in export.parity_table(tiny_model, files, images, batch_size=4)}
     assert fed and max(shape[0] for shape in fed) <= 4, fed
     assert sum(keras_batches) == len(images) and max(keras_batches) <= 4, keras_batches

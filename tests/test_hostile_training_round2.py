@@ -5,7 +5,6 @@ train` meets a running one, a file-size limit is put on a running process.
 """
 
 import json
-import os
 import pathlib
 import re
 import resource

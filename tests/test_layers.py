@@ -63,7 +63,8 @@ def test_attention_matches_numpy():
     attn = layers.Attention(num_heads=2)
     out, weights = attn(x)
     p = {n: getattr(attn, n) for n in ("query", "key", "value", "out")}
-    q, k, v = (np.einsum("btd,dhk->bthk", x, p[n].kernel.numpy()) + p[n].bias.numpy() for n in ("query", "key", "value"))
+    q, k, v = (np.einsum("btd,dhk->bthk", x, p[n].kernel.numpy()) + p[n].bias.numpy()
+               for n in ("query", "key", "value"))
     logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(4)
     ref_w = np.exp(logits - logits.max(-1, keepdims=True))
     ref_w /= ref_w.sum(-1, keepdims=True)

@@ -176,7 +176,8 @@ def test_continue_from_keras_file(tmp_path):
         np.testing.assert_array_equal(np.asarray(before), np.asarray(after), err_msg=before.path)
     assert again.metrics["test_top1"] == first.metrics["test_top1"] > 0.3  # a new head would be at chance
     moved = training.train(model=path, dataset="digits", out=str(tmp_path / "m"), epochs=1, **kwargs)
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first.model.weights, moved.model.weights))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(first.model.weights, moved.model.weights))
     folder = make_folder(tmp_path / "images")
     with pytest.raises(ValueError, match="has 10 outputs but the dataset has 2 classes"):
         training.train(model=path, dataset=str(folder), out=str(tmp_path / "c"), epochs=1,

@@ -15,16 +15,16 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import no_tensorflow  # noqa: E402
+import no_tensorflow
 
 if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
     no_tensorflow.install()
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import keras  # noqa: E402
+import keras
 
-import vit_keras  # noqa: E402,F401 - registers the package's layers and optimizers
+import vit_keras  # noqa: F401 - registers the package's layers and optimizers
 
 run, expected_path, out = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
 expected = np.load(expected_path)

@@ -23,7 +23,7 @@ if _console.invoked_as_command():  # `vit-keras`: TensorFlow's own lines silence
     _console.configure(*_console.command_words(_sys.argv[1:]))
 
 # optimizers, finetune: their optimizer classes are registered, so .keras files that name them load
-from vit_keras import finetune, layers, optimizers, presets, utils, vit
+from vit_keras import finetune, layers, optimizers, presets, utils, vit  # noqa: F401
 from vit_keras.checkpoint import load_npz
 from vit_keras.features import features_model
 from vit_keras.model import attention_model, build_model, float32_copy, fold_weight_standardization

@@ -210,11 +210,13 @@ def parser():
     export_p.add_argument("--variants", nargs="+", choices=serving.TFLITE_VARIANTS, default=None,
                           help="TFLite variants (default: all)")
     export_p.add_argument("--dataset", default=None,
-                          help="TFLite calibration and parity data (default: the dataset in metrics.json beside the model)")
+                          help="TFLite calibration and parity data (default: the dataset in metrics.json beside "
+                               "the model)")
     export_p.add_argument("--overwrite", action="store_true",
                           help="replace an earlier export (only a folder the export wrote, never the model's)")
     export_p.add_argument("--strict-int8", action="store_true",
-                          help="int8.tflite with every op in int8, for integer-only accelerators (default: convolutions "
+                          help="int8.tflite with every op in int8, for integer-only accelerators (default: "
+                               "convolutions "
                                "and dense layers in int8, the rest float32: faster on CPU)")
     export_p.add_argument("--batch-size", type=_positive, default=None,
                           help="images per Keras call and interpreter run in the TFLite parity table (default 16)")

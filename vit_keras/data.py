@@ -423,7 +423,8 @@ def make_pipeline(
     if training and (mixup or cutmix):
         import keras
 
-        mixers = [m for m, on in ((keras.layers.MixUp(seed=seed), mixup), (keras.layers.CutMix(seed=seed), cutmix)) if on]
+        mixers = [m for m, on in ((keras.layers.MixUp(seed=seed), mixup), (keras.layers.CutMix(seed=seed), cutmix))
+                  if on]
 
         def mix(x, y):
             data = {"images": x, "labels": y}
@@ -525,7 +526,8 @@ class ImagePipeline(keras.utils.PyDataset):
         self.repeat = repeat
         self.epoch = 0  # the pass, for training without `repeat`
         self.lock = threading.Lock()  # the Keras augmentation layers keep seed state
-        self.randaugment = keras.layers.RandAugment(value_range=(0, 255), seed=seed) if training and randaugment else None
+        self.randaugment = (keras.layers.RandAugment(value_range=(0, 255), seed=seed)
+                            if training and randaugment else None)
         self.mixers = [m for m, on in ((keras.layers.MixUp, mixup), (keras.layers.CutMix, cutmix)) if training and on]
         self.mixers = [m(seed=seed) for m in self.mixers]
 

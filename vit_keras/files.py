@@ -1,4 +1,4 @@
-"""Files written safely: atomic JSON, modes that follow the umask, output folders, `.keras` loading with clear errors."""
+"""Files written safely: atomic JSON, umask modes, output folders and their locks, clear `.keras` load errors."""
 
 import contextlib
 import json
@@ -66,7 +66,7 @@ def load_keras(path):
         raise ValueError(f"cannot load the model {path}: no such file.")
     try:
         return keras.saving.load_model(path)
-    except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the file
+    except Exception as e:
         unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", str(e))
         if unknown:  # Keras's first line is generic advice; the class is what the user needs
             raise ValueError(f"cannot load the model {path}: Could not locate class '{unknown.group(1)}' (a "

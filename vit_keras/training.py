@@ -21,7 +21,7 @@ import numpy as np
 
 from vit_keras import data as data_lib
 from vit_keras import distribute, files, finetune, presets, reshape
-from vit_keras.files import atomic_write_json  # noqa: F401 (also part of this module's API)
+from vit_keras.files import atomic_write_json
 from vit_keras.model import build_model
 
 logger = logging.getLogger("vit_keras")
