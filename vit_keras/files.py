@@ -24,6 +24,7 @@ def umask():
 
 def publish(tmp, path):
     """Renames a `mkstemp` file (created 0600) into place with the mode the umask gives new files."""
+    stop_if_terminated()
     os.chmod(tmp, 0o666 & ~umask())
     os.replace(tmp, path)
 
@@ -249,9 +250,24 @@ def raise_on_sigterm():
         return None
 
     def handler(signum, frame):
+        _TERMINATED.append(signum)
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+_TERMINATED = []  # the signals `raise_on_sigterm` received
+
+
+def stop_if_terminated():
+    """SystemExit(143) if SIGTERM came: called before a file or folder is published.
+
+    The handler's SystemExit can be swallowed where the signal lands inside a
+    callback run by C++ code (TensorFlow's converter); this makes sure nothing
+    is published after it anyway.
+    """
+    if _TERMINATED:
+        raise SystemExit(128 + _TERMINATED[0])
 
 
 class OutputError(ValueError):

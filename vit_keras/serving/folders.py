@@ -89,6 +89,7 @@ def _atomic_dir(final, overwrite, keep=()):
 def _publish(tmp, final, overwrite, keep):
     """Renames the finished `tmp` to `final`, replacing an earlier export only with `overwrite`."""
     parent = os.path.dirname(os.path.abspath(final))
+    files.stop_if_terminated()  # a SIGTERM whose SystemExit was swallowed still stops here
     if not os.path.lexists(final):
         try:
             os.rename(tmp, final)  # fails (ENOTEMPTY) rather than replace a folder that appeared meanwhile
