@@ -38,6 +38,7 @@ def run_script(tmp_path, backend, *args):
 # ----------------------------------------------------------------------------- remat
 
 
+@pytest.mark.slow  # a process per backend
 @pytest.mark.parametrize("backend", ["jax", "torch"])  # TensorFlow: the in-process tests below
 def test_remat_gradients_and_one_lora_step(backend, tmp_path):
     result = run_script(tmp_path, backend)
@@ -264,6 +265,7 @@ def test_input_channels_grey_and_many():
 # ----------------------------------------------------------------------------- train and the CLI
 
 
+@pytest.mark.slow  # two training runs
 def test_train_lora_layer_decay_then_continue_at_another_size(tmp_path, caplog):
     caplog.set_level("INFO", logger="vit_keras")
     first = training.train(**RUN, out=str(tmp_path / "a"), lora_rank=2, layer_decay=0.75, remat=True)
@@ -326,6 +328,7 @@ def test_cli_flags_reach_the_config():
     assert cli.main(["train", "--lora-rank", "0", "--out", "/nonexistent/x"]) == 2
 
 
+@pytest.mark.slow  # a process with two logical CPUs
 def test_mirrored_remat_lora_layer_decay(tmp_path):
     result = run_script(tmp_path, "tensorflow", "mirrored")
     assert result["replicas"] == 2 and result["replica_gap"] == 0.0
