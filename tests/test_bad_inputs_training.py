@@ -22,9 +22,8 @@ RUN_FILES = ("model.keras", "metrics.json", "best.keras", "last.keras", "best.js
 
 
 def snapshot(folder):
-    """Bytes and modification time of each file directly in `folder` (not the lock a run holds there)."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()
-            if p.is_file() and p.name != training.LOCK_FILE}
+    """Bytes and modification time of each file directly in `folder`."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
 
 
 def mode(path):
