@@ -13,7 +13,7 @@ PACKAGE = ROOT / "vit_keras"
 # Name -> config -> model -> (train | evaluate | serve): each module may import (at module
 # level) only modules of earlier levels. Functions import later ones lazily where they must.
 LEVELS = [
-    {"preprocessing", "presets", "files", "download", "console"},
+    {"preprocessing", "presets", "files", "download", "console", "sizes"},
     {"layers", "optimizers"},
     {"checkpoint", "sources"},
     {"model", "utils", "reshape"},
@@ -52,6 +52,68 @@ def test_no_module_imports_one_below_it():
             if _level(name) > _level(own):
                 wrong.append(f"{'/'.join(rel.parts)} imports {name}")
     assert not wrong, wrong
+
+
+# Inside the `data` package: images (helpers) -> datasets (sources) -> numpy_pipeline -> pipeline.
+DATA_LEVELS = ["images", "datasets", "numpy_pipeline", "pipeline"]
+
+
+def _data_imports(path):
+    """The `vit_keras.data` submodules a file imports at module level."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vit_keras.data"):
+            parts = node.module.split(".")[2:]
+            found |= {parts[0]} if parts else {alias.name for alias in node.names}
+    return found
+
+
+def test_data_modules_import_only_the_ones_before_them():
+    modules = {p.stem for p in (PACKAGE / "data").glob("*.py")} - {"__init__"}
+    assert modules == set(DATA_LEVELS)
+    wrong = [f"data/{name}.py imports data.{other}" for name in DATA_LEVELS
+             for other in _data_imports(PACKAGE / "data" / f"{name}.py")
+             if DATA_LEVELS.index(other) >= DATA_LEVELS.index(name)]
+    assert not wrong, wrong
+
+
+def _private_uses_of_data(path):
+    """`data._x` attribute uses and `from vit_keras.data... import _x` in a file."""
+    tree = ast.parse(path.read_text())
+    aliases, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "vit_keras":
+                aliases |= {a.asname or a.name for a in node.names if a.name == "data"}
+            elif node.module.startswith("vit_keras.data"):
+                aliases |= {a.asname or a.name for a in node.names if a.name in DATA_LEVELS}
+                found += [f"imports {a.name}" for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.name.startswith("vit_keras.data") and a.asname}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            value = node.value
+            if isinstance(value, ast.Name) and value.id in aliases or (
+                    isinstance(value, ast.Attribute) and value.attr == "data"
+                    and isinstance(value.value, ast.Name) and value.value.id == "vit_keras"):
+                found.append(f"uses {node.attr}")
+    return found
+
+
+def test_no_module_reaches_into_the_privates_of_data():
+    """Other modules use `vit_keras.data`'s public names only (`evaluate` used `data._decode`)."""
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name != "data":
+            wrong += [f"{path.relative_to(PACKAGE)} {use}" for use in _private_uses_of_data(path)]
+    assert not wrong, wrong
+
+
+def test_the_layering_check_sees_a_reach_into_data(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from vit_keras import data as data_lib\nfrom vit_keras.data.images import _tf\n"
+                   "def f(x):\n    from vit_keras import data\n    return data._decode(x), data_lib._tf()\n")
+    assert sorted(_private_uses_of_data(bad)) == ["imports _tf", "uses _decode", "uses _tf"]
 
 
 def test_import_without_tensorflow_exposes_the_submodules():

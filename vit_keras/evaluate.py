@@ -127,7 +127,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     height, width = model.input_shape[1:3]
 
     def prepare(image, label):
-        image = tf.image.resize(data._decode(image), (height, width))  # bilinear, as the original
+        image = tf.image.resize(data.decode(image), (height, width))  # bilinear, as the original
         return preprocess_inputs(tf.clip_by_value(image, 0.0, 255.0), mean, std), label
 
     ds = getattr(splits, split).map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)

@@ -227,7 +227,7 @@ def _check_with_tensorflow(paths, bar):
     import numpy as np
     import tensorflow as tf
 
-    from vit_keras import data
+    from vit_keras.data.images import decode_error
 
     def decode(index, file):
         image = tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False)
@@ -241,18 +241,18 @@ def _check_with_tensorflow(paths, bar):
     for indices, _ in ds.batch(256).as_numpy_iterator():  # batches: little Python per file
         good.update(indices.tolist())
         bar.update(len(good))
-    return [(p, data._decode_error(os.fsencode(p))) for i, p in enumerate(paths) if i not in good]
+    return [(p, decode_error(os.fsencode(p))) for i, p in enumerate(paths) if i not in good]
 
 
 def _check_with_pillow(paths, bar, workers):
     """Decodes with Pillow (the `ImagePipeline`'s decoder) in a thread pool (decoding releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from vit_keras import data
+    from vit_keras.data.images import decode_file
 
     def reason(file):
         try:
-            image = data.decode_file(file)
+            image = decode_file(file)
         except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, ...
             return str(e).splitlines()[0] if str(e) else type(e).__name__
         return None if image.ndim == 3 and image.size else "decodes to no pixels"

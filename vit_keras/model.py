@@ -9,15 +9,7 @@ import numpy as np
 from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
 from vit_keras.layers.std_conv import standardize_kernel
 from vit_keras.presets import check_architecture
-
-
-def _image_shape(image_size):
-    sizes = (image_size,) if isinstance(image_size, numbers.Number) else tuple(image_size)
-    if (len(sizes) not in (1, 2) or
-            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in sizes)):
-        raise ValueError(f"image_size must be a positive integer or a (height, width) pair of them, "
-                         f"got {image_size!r}.")
-    return (int(sizes[0]),) * 2 if len(sizes) == 1 else (int(sizes[0]), int(sizes[1]))
+from vit_keras.sizes import height_width
 
 
 def _memory_bytes():
@@ -168,7 +160,7 @@ def build_model(
     from vit_keras import reshape
 
     reshape.check_input_channels(input_channels)
-    height, width = _image_shape(image_size)
+    height, width = height_width(image_size)
     params = None
     numerics = dict(layer_norm_epsilon=layer_norm_epsilon, gelu_approximate=gelu_approximate,
                     ws_epsilon=ws_epsilon, gn_epsilon=gn_epsilon)

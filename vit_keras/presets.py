@@ -9,6 +9,8 @@ import dataclasses
 import math
 import numbers
 
+from vit_keras.sizes import height_width
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
@@ -251,7 +253,6 @@ def find_preset(model, weights, image_size=None):
             f"No published {weights!r} checkpoint for {model}; known: {have}. "
             "Pass a local path or URL of an .npz file instead."
         )
-    side = int(image_size) if isinstance(image_size, numbers.Integral) else None
-    if image_size is not None and side is None and len({int(s) for s in image_size}) == 1:
-        side = int(image_size[0])
+    height, width = (None, None) if image_size is None else height_width(image_size)
+    side = height if height == width else None
     return next((p for p in found if p.resolution == side), found[0])

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from vit_keras import checkpoint
+from vit_keras.sizes import height_width
 
 
 def _is_int(value):
@@ -115,16 +116,7 @@ def resize(model, image_size=None, input_channels=None):
         raise ValueError(f"resize needs a model of vit_keras's builders (an `embeddings` layer); "
                          f"{model.name!r} has none.")
     old_h, old_w, old_c = model.input_shape[1:4]
-    if image_size is None:
-        new_h, new_w = old_h, old_w
-    elif _is_int(image_size) and image_size > 0:
-        new_h = new_w = int(image_size)
-    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(
-            _is_int(v) and v > 0 for v in image_size):
-        new_h, new_w = (int(v) for v in image_size)
-    else:
-        raise ValueError(f"image_size must be a positive integer or a (height, width) pair of them, "
-                         f"got {image_size!r}.")
+    new_h, new_w = (old_h, old_w) if image_size is None else height_width(image_size)
     new_c = old_c if input_channels is None else input_channels
     check_input_channels(new_c)
     if new_c != old_c and old_c != 3:

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 
 from vit_keras import checkpoint
+from vit_keras.sizes import height_width
 
 TIMM_NUMERICS = dict(layer_norm_epsilon=1e-6, gelu_approximate=False, ws_epsilon=1e-8, gn_epsilon=1e-5)
 ORBAX_EXTRA = "pip install 'vit_keras[orbax]'"
@@ -279,7 +280,7 @@ def read_hf_config(folder):
         patch = c.get("patch_size", 16)
         patch = int(patch if isinstance(patch, int) else patch[0])
         size = c.get("image_size", 224)
-        size = int(size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        size = height_width(size)
         arch = dict(patch_size=patch, num_layers=int(c["num_hidden_layers"]), hidden_size=int(c["hidden_size"]),
                     num_heads=int(c["num_attention_heads"]), mlp_dim=int(c["intermediate_size"]),
                     classifier="token", image_size=size)

@@ -257,14 +257,7 @@ def _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, w
     if warmup_steps is not None and (not is_int(warmup_steps) or warmup_steps < 0):
         raise ValueError(f"warmup_steps must be a non-negative integer or None, got {warmup_steps!r}.")
     if image_size is not None:
-        if is_int(image_size):
-            sizes = (image_size,)
-        else:
-            sizes = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
-        if len(sizes) not in (1, 2) or not all(is_int(v) and v > 0 for v in sizes):
-            raise ValueError(
-                f"image_size must be a positive integer or a (height, width) pair of them, got {image_size!r}."
-            )
+        data_lib.height_width(image_size)  # ValueError naming a bad size
     if not isinstance(learning_rate, numbers.Real) or not np.isfinite(learning_rate) or learning_rate < 0:
         raise ValueError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}.")
     if crop_area is not None:
@@ -358,7 +351,7 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout, ch
             raise ValueError(
                 f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
             )
-        size = None if image_size is None else tuple(np.broadcast_to(image_size, 2).tolist())
+        size = None if image_size is None else data_lib.height_width(image_size)
         if size not in (None, tuple(model.input_shape[1:3])) or input_channels not in (None, model.input_shape[-1]):
             model = reshape.resize(model, image_size=size, input_channels=input_channels)  # continue at that size
         _rename_classes(model, class_names, spec)

@@ -13,7 +13,8 @@ import numpy as np
 from keras import ops
 
 from vit_keras.model import attention_model
-from vit_keras.preprocessing import MAX_PIXELS, preprocess_inputs
+from vit_keras.data.images import read_image, resize
+from vit_keras.preprocessing import preprocess_inputs
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -129,32 +130,6 @@ def save_overlay(image, heatmap, path, predictions=None, title=None):
     return path
 
 
-def read_image(path, max_pixels=MAX_PIXELS):
-    """An image file -> uint8 pixels `[H, W, 3]` (first frame); one-line ValueError naming the path.
-
-    Refused: what is not a readable local file, a folder, what Pillow cannot
-    decode, and images whose header announces more than `max_pixels` pixels
-    (checked before decoding).
-    """
-    import PIL.Image
-
-    path = os.fspath(path)
-    if "://" in path:
-        raise ValueError(f"{path}: cannot read the image: not a local file (download it first).")
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: is a folder, not an image file.")
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ValueError(f"{path}: image exceeds the limit of {max_pixels} pixels ({width}x{height}).")
-            return np.asarray(image.convert("RGB"))
-    except PIL.UnidentifiedImageError:
-        raise ValueError(f"{path}: undecodable image (not a format Pillow reads).") from None
-    except (OSError, PIL.Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read the image: {e.strerror or e}") from None
-
-
 def attention_targets(images, out):
     """One PNG path per input: `<stem>_attention.png`, numbered (`<stem>_2_attention.png`, ...)
     where inputs share a file name, and never the path of an input."""
@@ -193,7 +168,6 @@ def attention_files(model, images, out, head_fusion="mean", discard_ratio=0.0, t
         list of `(label, probability)`; `numbered` says the PNG got a number.
     """
     from vit_keras import files, predict
-    from vit_keras.data import resize
 
     model = files.load_keras(model)
     height, width = model.input_shape[1:3]

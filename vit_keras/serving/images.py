@@ -3,6 +3,8 @@
 import tensorflow as tf
 
 from vit_keras.preprocessing import MAX_PIXELS
+from vit_keras.sizes import height_width
+
 # A GIF's blocks are walked (to count every frame) in at most this many steps; runs of
 # equal-sized data sub-blocks take one step, so ordinary GIFs need a few steps per frame.
 MAX_GIF_STEPS = 4096
@@ -104,7 +106,7 @@ def decode_images(image_bytes, image_size, max_pixels=MAX_PIXELS):
     image and for images over `max_pixels`, before decoding them. A GIF counts
     every frame toward the limit, and only its first frame is decoded.
     """
-    height, width = image_size
+    height, width = height_width(image_size)
     image_bytes = _checked_bytes(image_bytes)
 
     def one(data):
@@ -161,7 +163,7 @@ def checked_pixels(images, image_size):
     tensor there is a CHECK failure that aborts the whole server. Fails with
     InvalidArgumentError naming the expected and the given shape, or the NaN/Inf.
     """
-    height, width = image_size
+    height, width = height_width(image_size)
     shape = tf.shape(images)
     dims = tf.concat([shape, tf.zeros([4], tf.int32)], 0)[1:4]  # padded: any rank slices
     shape_ok = tf.logical_and(tf.equal(tf.size(shape), 4),

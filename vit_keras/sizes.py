@@ -1,0 +1,42 @@
+"""Image sizes: where an `image_size` argument (int or (height, width)) becomes a `(height, width)` pair.
+
+A leaf module (no imports from the package), so that every level of it, from
+`presets` to `serving`, normalises sizes with the same function and the same
+one-line error. Public as `vit_keras.data.height_width` too.
+"""
+
+import numbers
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def height_width(image_size, name="image_size"):
+    """`(height, width)` as Python ints of a size given as one int or a pair of them.
+
+    An int `n` (a Python or NumPy integer) is the square `(n, n)`; a tuple, list
+    or 1-D array of two ints is `(height, width)`, of one int the square. Every
+    side must be positive. Anything else (None, a bool, a float, a string, three
+    numbers) is a ValueError that names the argument and shows the value.
+
+    Args:
+        image_size: int or (height, width). The size.
+        name: str. The argument's name in the error. Defaults to "image_size".
+
+    Example:
+    >>> height_width(224)
+    (224, 224)
+    >>> height_width([384, 512])
+    (384, 512)
+    """
+    if _is_int(image_size):
+        sides = (image_size,)
+    elif isinstance(image_size, (tuple, list)) or getattr(image_size, "ndim", None) == 1:  # a NumPy array
+        sides = tuple(image_size)
+    else:
+        sides = ()
+    if len(sides) not in (1, 2) or not all(_is_int(v) and v > 0 for v in sides):
+        raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, "
+                         f"got {image_size!r}.")
+    return (int(sides[0]), int(sides[-1]))
