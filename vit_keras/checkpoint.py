@@ -1,9 +1,13 @@
-"""Loads checkpoints in the original `.npz` format by layer name.
+"""Reads checkpoints in the original `.npz` format and loads them into a model by layer name.
 
-Keys are the original Flax paths joined by '/'. Every key must be accounted
-for: missing, unused and mis-shaped keys raise one error listing them all, and
-nothing is assigned then. The layouts that Google's code wrote over the years
-are rewritten to one (the published pre-Linen names) by small quirk functions.
+Keys are the original Flax paths joined by '/'. Reading: the file is found
+(`resolve`), checked and read (`read`), and the layouts that Google's code
+wrote over the years are rewritten to one (the published pre-Linen names) by
+small quirk functions (`canonical`). Loading: `load_weights` runs `plan` (the
+one place a checkpoint key becomes a variable: `checkpoint_variables` is the
+name walk), `adapt` (value quirks: heads, position grid, input channels),
+`report` (missing, unused and mis-shaped keys in one error; nothing is
+assigned then) and `apply`, under a `LoadPolicy`.
 """
 
 import dataclasses
@@ -459,7 +463,7 @@ class Plan(typing.NamedTuple):
     why)} re-initialised by the policy (a new head); dropped: {key: why}
     checkpoint keys the policy leaves out; missing: {key: variable shape};
     unused: {key: checkpoint shape}; notes: (quirk, key, old shape, new
-    shape) for each value `adapt` reshaped.
+    shape) for each value `adapt` rewrote.
     """
 
     load: dict
@@ -567,7 +571,7 @@ def adapt(plan, model, policy=LoadPolicy()):
         want = tuple(variable.shape)
         for quirk in QUIRKS:
             new = quirk(key, value, want, layout)
-            if new is not value and new.shape != value.shape:
+            if new is not value:
                 notes.append((quirk.__name__.strip("_"), key, tuple(value.shape), tuple(new.shape)))
             value = new
         load[key] = (variable, value)
