@@ -24,7 +24,7 @@ if _console.invoked_as_command():  # `vit-keras`: TensorFlow's own lines silence
 
 # optimizers, finetune: their optimizer classes are registered, so .keras files that name them load
 from vit_keras import finetune, layers, optimizers, presets, utils, vit  # noqa: F401
-from vit_keras.checkpoint import load_npz
+from vit_keras.checkpoint import LoadPolicy, load_npz, load_weights
 from vit_keras.features import features_model
 from vit_keras.model import attention_model, build_model, float32_copy, fold_weight_standardization
 from vit_keras.presets import ViTConfig
@@ -70,6 +70,7 @@ def __dir__():
 
 __all__ = [
     "BUILDERS",
+    "LoadPolicy",
     "ViTConfig",
     "attention_model",
     "build_model",
@@ -82,6 +83,7 @@ __all__ = [
     "get_imagenet_classes",
     "layers",
     "load_npz",
+    "load_weights",
     "preprocess_inputs",
     "presets",
     "resize",

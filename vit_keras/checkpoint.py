@@ -1,12 +1,18 @@
-"""Loads checkpoints in the original `.npz` format by layer name.
+"""Reads checkpoints in the original `.npz` format and loads them into a model by layer name.
 
-Keys are the original Flax paths joined by '/'. Every key must be accounted
-for: missing, unused and mis-shaped keys raise one error listing them all, and
-nothing is assigned then. The layouts that Google's code wrote over the years
-are rewritten to one (the published pre-Linen names) by small quirk functions.
+Keys are the original Flax paths joined by '/'. Reading: the file is found
+(`resolve`), checked and read (`read`), and the layouts that Google's code
+wrote over the years are rewritten to one (the published pre-Linen names) by
+small quirk functions (`canonical`). Loading: `load_weights` runs `plan` (the
+one place a checkpoint key becomes a variable: `checkpoint_variables` is the
+name walk), `adapt` (value quirks: heads, position grid, input channels),
+`report` (missing, unused and mis-shaped keys in one error; nothing is
+assigned then) and `apply`, under a `LoadPolicy`.
 """
 
+import dataclasses
 import logging
+import numbers
 import os
 import re
 import typing
@@ -364,13 +370,164 @@ def resize_posemb(posemb, grid_shape, prefix_tokens=1, old_grid=None):
     return np.concatenate([prefix, grid], axis=1)
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- loading: plan, adapt, report, apply
+#
+# `load_weights` is four small steps, in the order of vit_jax's inspect_params -> load_pretrained ->
+# interpolate_posembed: `plan` is where a checkpoint key becomes a variable (every key and every
+# variable accounted for, the head policy applied), `adapt` rewrites values to their variable's
+# layout (one quirk function each), `report` refuses a bad fit in one error, `apply` assigns.
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPolicy:
+    """What `load_weights` does where the model and the checkpoint differ on purpose.
+
+    Args:
+        pretrained_top: bool. Load the checkpoint's head where the model's has
+            its shape; else, and with False, the head is re-initialised (with
+            a log line). Defaults to True.
+        keep_pre_logits: bool or None. Whether a model built for the
+            checkpoint has its `pre_logits` layer (`top`); None: as `head`
+            says (kept with the head, dropped with a new one). Defaults to None.
+        checkpoint_grid: (rows, cols) or None. The checkpoint's position
+            embedding grid when it is not square. Defaults to None.
+        head: presets.HeadPolicy. The checkpoint's top as data: its preset's
+            `head`, else the original's rule. Defaults to `HeadPolicy()`.
+
+    Example:
+    >>> params = {"head/kernel": np.zeros((64, 10)), "pre_logits/kernel": np.zeros((64, 64))}
+    >>> LoadPolicy().top(params, classes=3, include_top=True)  # a new head: pre_logits dropped
+    {'classes': 3, 'representation_size': None}
+    >>> LoadPolicy().top(params, classes=None, include_top=True)
+    {'classes': 10, 'representation_size': 64}
+    """
+
+    pretrained_top: bool = True
+    keep_pre_logits: bool = None
+    checkpoint_grid: tuple = None
+    head: presets.HeadPolicy = presets.HeadPolicy()
+
+    def __post_init__(self):
+        if not isinstance(self.pretrained_top, (bool, np.bool_)):
+            raise ValueError(f"pretrained_top must be True or False, got {self.pretrained_top!r}.")
+        if not isinstance(self.keep_pre_logits, (bool, np.bool_, type(None))):
+            raise ValueError(f"keep_pre_logits must be True, False or None, got {self.keep_pre_logits!r}.")
+        grid = self.checkpoint_grid
+        if grid is not None and not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in grid)):
+            raise ValueError(f"checkpoint_grid must be (rows, cols) of positive integers or None, got {grid!r}.")
+        if not isinstance(self.head, presets.HeadPolicy):
+            raise ValueError(f"head must be a presets.HeadPolicy, got {self.head!r}.")
+
+    def loads_head(self, params, classes):
+        """Whether the checkpoint's head is loaded into a head of `classes` outputs (None: no top)."""
+        return self.pretrained_top and classes is not None and _outputs(params, self.head.head) == classes
+
+    def keeps(self, group, params, classes):
+        """Whether the checkpoint's layer `group` belongs in a model of `classes` outputs (None: no top)."""
+        if _outputs(params, group) is None:
+            return False
+        if group == "pre_logits" and self.keep_pre_logits is not None:
+            return self.keep_pre_logits
+        return group not in self.head.tied or self.loads_head(params, classes)
+
+    def top(self, params, classes, include_top=True, representation_size=None, source="checkpoint"):
+        """The `build_model` arguments the checkpoint's top decides: `classes` and `representation_size`.
+
+        `classes=None` takes the checkpoint's head classes; `representation_size`
+        None takes the checkpoint's `pre_logits` width where it is kept.
+        """
+        if classes is None and include_top:
+            classes = _outputs(params, self.head.head)
+            if classes is None:
+                raise ValueError(f"{source} has no head: classes=None cannot take its class count; pass classes.")
+        if representation_size is None and self.keeps("pre_logits", params, classes if include_top else None):
+            representation_size = _outputs(params, "pre_logits")
+        return dict(classes=classes, representation_size=representation_size)
+
+
+def _outputs(params, group):
+    """The output width of the checkpoint's layer `group` (its kernel's last axis), or None where it has none."""
+    kernel = params.get(f"{group}/kernel")
+    return None if kernel is None else int(kernel.shape[-1])
+
+
+def _group(key):
+    return key.split("/", 1)[0]
+
+
+class Plan(typing.NamedTuple):
+    """Every checkpoint key and every model variable, accounted for by `plan` (values adapted by `adapt`).
+
+    load: {key: (variable, value)} to assign; fresh: {key: (variable, layer,
+    why)} re-initialised by the policy (a new head); dropped: {key: why}
+    checkpoint keys the policy leaves out; missing: {key: variable shape};
+    unused: {key: checkpoint shape}; notes: (quirk, key, old shape, new
+    shape) for each value `adapt` rewrote.
+    """
+
+    load: dict
+    fresh: dict
+    dropped: dict
+    missing: dict
+    unused: dict
+    notes: tuple = ()
+
+
+def plan(model, params, policy=LoadPolicy()):
+    """Pairs each checkpoint key with the model's variable of that name; the one place a key becomes a variable.
+
+    The head (`policy.head.head`) is loaded only where `policy.loads_head` and
+    its shapes fit; otherwise its variables are re-initialised, and the
+    checkpoint's layers tied to it are dropped when the model has none.
+    Nothing is checked for shape here (`adapt` may still reshape).
+    """
+    targets = checkpoint_variables(model)  # {key: (variable, its top-level layer)}
+    head = policy.head.head
+    classes = targets[f"{head}/kernel"][0].shape[-1] if f"{head}/kernel" in targets else None
+    head_fits = policy.loads_head(params, classes) and all(
+        tuple(params[k].shape) == tuple(variable.shape)
+        for k, (variable, _) in targets.items() if _group(k) == head and k in params)
+    load, fresh, missing = {}, {}, {}
+    for key, (variable, layer) in targets.items():
+        if _group(key) == head and not head_fits:
+            why = ("pretrained_top=False" if not policy.pretrained_top
+                   else f"checkpoint has {tuple(params[key].shape)}" if key in params else "checkpoint has no head")
+            fresh[key] = (variable, layer, why)
+        elif key in params:
+            load[key] = (variable, params[key])
+        else:
+            missing[key] = tuple(variable.shape)
+    groups = {_group(k) for k in targets}
+    dropped = {}
+    for key in params:
+        if key in targets or _group(key) in groups:
+            continue
+        if _group(key) == head:
+            dropped[key] = "the model has no top"
+        elif _group(key) in policy.head.tied and not head_fits:
+            dropped[key] = ("the head is new, as the original's load_pretrained does; keep it with "
+                            "keep_pre_logits=True")
+    unused = {k: tuple(v.shape) for k, v in params.items() if k not in targets and k not in dropped}
+    return Plan(load, fresh, dropped, missing, unused)
+
+
+# Each quirk: (key, value, the variable's shape, `_Layout` of the model) -> value in the variable's layout.
+
+
+class _Layout(typing.NamedTuple):
+    """What the quirks need to know of the model (read once by `adapt`)."""
+
+    grid: tuple  # the position embedding's (rows, cols) at the model's input size
+    prefix_tokens: int  # 1 with a class token, else 0
+    first_conv: str  # the key of the kernel that sees the image
+    checkpoint_grid: tuple  # the policy's
 
 
 _ATTENTION_RE = re.compile(r"MultiHeadDotProductAttention_\d+/(query|key|value|out)/(kernel|bias)$")
 
 
-def _split_heads(key, value, want):
+def _split_heads(key, value, want, layout):
     # torch sources (timm, Hugging Face) store attention as (D, D) matrices: the split into
     # heads is row-major, as their forward pass views it, so it is the model's to make.
     if _ATTENTION_RE.search(key) and value.ndim < len(want) and value.size == int(np.prod(want)):
@@ -378,20 +535,95 @@ def _split_heads(key, value, want):
     return value
 
 
-def _hints(params, targets):
+def _resize_grid(key, value, want, layout):
+    # The original fine-tunes at other resolutions by zooming the position grid (load_pretrained).
+    if key != POSEMB_KEY or value.shape[-1] != want[-1]:
+        return value
+    tokens = value.shape[1] - layout.prefix_tokens
+    if layout.checkpoint_grid is None and value.shape == want and round(np.sqrt(tokens)) ** 2 != tokens:
+        return value  # a non-square grid of the model's token count: trained at this size
+    old = posemb_grid(value, layout.prefix_tokens, layout.checkpoint_grid)
+    if old == layout.grid:  # resize whenever the layout differs, not only the token count
+        return value
+    return resize_posemb(value, layout.grid, layout.prefix_tokens, old)
+
+
+def _adapt_input_channels(key, value, want, layout):
+    # A 3-channel checkpoint in a model of other input channels: timm's adapt_input_conv.
+    if key != layout.first_conv or value.ndim != 4 or value.shape[2] != 3 or want[2] == 3:
+        return value
+    from vit_keras import reshape  # reshape imports this module
+
+    return reshape.adapt_input_kernel(value, want[2])
+
+
+QUIRKS = (_split_heads, _resize_grid, _adapt_input_channels)
+
+
+def adapt(plan, model, policy=LoadPolicy()):
+    """Returns `plan` with each value rewritten to its variable's layout by the `QUIRKS`, in order."""
+    embeddings = model.get_layer("embeddings")
+    layout = _Layout(grid=embeddings.grid_size(model.input_shape[1:3]), prefix_tokens=int(embeddings.class_token),
+                     first_conv="conv_root/kernel" if embeddings.resnet_layers is not None else "embedding/kernel",
+                     checkpoint_grid=policy.checkpoint_grid and tuple(policy.checkpoint_grid))
+    load, notes = {}, list(plan.notes)
+    for key, (variable, value) in plan.load.items():
+        want = tuple(variable.shape)
+        for quirk in QUIRKS:
+            new = quirk(key, value, want, layout)
+            if new is not value:
+                notes.append((quirk.__name__.strip("_"), key, tuple(value.shape), tuple(new.shape)))
+            value = new
+        load[key] = (variable, value)
+    return plan._replace(load=load, notes=tuple(notes))
+
+
+def _hints(plan):
     """One line per known mismatch of the model's kind and the checkpoint's, or none."""
     lines = []
-    if POSEMB_KEY in targets and POSEMB_KEY not in params and any(k.startswith("Transformer/") for k in params):
+    if POSEMB_KEY in plan.missing and any(k.startswith("Transformer/") for k in plan.load):
         lines.append("  (the checkpoint has no position embedding: a big_vision posemb='sincos2d' model)")
-    if any(k.startswith("MAPHead_0/") for k in params) and not any(k.startswith("MAPHead_0/") for k in targets):
+    if any(k.startswith("MAPHead_0/") for k in plan.unused):
         lines.append("  (the checkpoint pools with a MAP head: classifier='map')")
-    if "cls" in targets and "cls" not in params:
+    if "cls" in plan.missing:
         lines.append("  (the checkpoint has no class token: classifier='gap' or 'map')")
     return lines
 
 
-def _describe(items):
-    return [f"    {item}" for item in sorted(items)]
+def report(plan, model_name="model", source="checkpoint", policy=LoadPolicy()):
+    """Raises one ValueError listing every missing, unused and mis-shaped key; returns `plan` when all fit."""
+    wrong = [f"{k}: checkpoint {tuple(value.shape)}, model {tuple(variable.shape)}"
+             for k, (variable, value) in plan.load.items() if tuple(value.shape) != tuple(variable.shape)]
+    if not (plan.missing or plan.unused or wrong):
+        return plan
+    lines = [f"Checkpoint {source} does not fit model {model_name!r}:"]
+    for title, items in (("missing", [f"{k} {s}" for k, s in plan.missing.items()]),
+                         ("unused", [f"{k} {s}" for k, s in plan.unused.items()]), ("wrong shape", wrong)):
+        if items:
+            lines += [f"  {title} ({len(items)}):", *(f"    {item}" for item in sorted(items))]
+    if any(_group(k) in policy.head.tied for k in plan.unused):
+        lines.append(f"  (the checkpoint's head was trained on its {'/'.join(policy.head.tied)} layer: keep it "
+                     "with keep_pre_logits=True, or re-initialise the head with pretrained_top=False)")
+    lines += _hints(plan)
+    raise ValueError("\n".join(lines))
+
+
+def apply(plan):
+    """Assigns the planned values and re-initialises the policy's fresh variables, with log lines."""
+    for variable, value in plan.load.values():
+        variable.assign(value)
+    for key, (variable, layer, why) in plan.fresh.items():
+        initializer = layer.kernel_initializer if key.endswith("kernel") else layer.bias_initializer
+        variable.assign(initializer(variable.shape, variable.dtype))
+        logger.warning("Re-initialised %s %s (%s).", key, tuple(variable.shape), why)
+    for quirk in dict.fromkeys(note[0] for note in plan.notes):
+        notes = [note for note in plan.notes if note[0] == quirk]
+        if len(notes) > 2:
+            logger.info("Adapted %d arrays (%s).", len(notes), quirk)
+        for _, key, old, new in notes if len(notes) <= 2 else ():
+            logger.info("Adapted %s %s -> %s (%s).", key, old, new, quirk)
+    for group, why in {_group(k): why for k, why in plan.dropped.items()}.items():
+        logger.info("Dropped the checkpoint's %s layer (%s).", group, why)
 
 
 def _embeddings_of(model, source):
@@ -410,85 +642,59 @@ def _embeddings_of(model, source):
     return layer
 
 
-def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="checkpoint"):
-    """Assigns canonical checkpoint `params` (from `read`) to a model of this package.
+def load_weights(model, checkpoint, policy=None):
+    """Loads a checkpoint into a model of this package: `plan`, `adapt`, `report`, `apply`.
 
-    See `load_npz` for what is resized, re-initialised, dropped or refused.
+    Any layout and source `vit_keras.sources` reads loads (original and
+    big_vision `.npz`, timm, Hugging Face, Orbax). The position embedding is
+    resized whenever the token grid differs; a 3-channel first convolution
+    is adapted to the model's input channels; the head is re-initialised
+    (with a log line) when its shape differs or with
+    `policy.pretrained_top=False`, and the layers tied to it (`pre_logits`)
+    are dropped then when the model has none. Anything else missing, unused
+    or mis-shaped raises one `ValueError` listing it all; nothing is assigned
+    then.
+
+    Args:
+        model: keras.Model. Built by this package (`create`, a builder,
+            `build_model`).
+        checkpoint: `Checkpoint`, or str. A checkpoint read once (as
+            `create` does; `sources.load(...).checkpoint`), or a path or URL
+            read here.
+        policy: LoadPolicy or None. Head, `pre_logits` and grid choices;
+            None: `LoadPolicy()`. Defaults to None.
+
+    Example:
+    >>> import vit_keras
+    >>> model = vit_keras.build_model(32, 16, 2, 64, 4, 128, classes=3)
+    >>> path = "tests/fixtures/vit_jax/tiny_vit/params.npz"  # 10 classes: a new head
+    >>> vit_keras.load_weights(model, path, LoadPolicy()).output_shape
+    (None, 3)
     """
-    embeddings = _embeddings_of(model, source)
-    targets = checkpoint_variables(model)
-    has_top = any(k.startswith("head/") for k in targets)
-    has_pre_logits = any(k.startswith("pre_logits/") for k in targets)
-    head_fits = has_top and pretrained_top and any(k.startswith("head/") for k in params) and all(
-        k not in params or tuple(params[k].shape) == tuple(targets[k][0].shape)
-        for k in ("head/kernel", "head/bias")
-    )
-    assign_, missing, mismatched, reinit = [], [], [], []
-    for key, (variable, layer) in targets.items():
-        if key.startswith("head/") and not head_fits:
-            reinit.append((variable, layer, key, params[key].shape if key in params else "no head"))
-            continue
-        if key not in params:
-            missing.append(f"{key} {tuple(variable.shape)}")
-            continue
-        want = tuple(variable.shape)
-        value = _split_heads(key, params[key], want)
-        if key == POSEMB_KEY and value.shape[-1] == want[-1]:
-            prefix = 1 if embeddings.class_token else 0
-            new = embeddings.grid_size(model.input_shape[1:3])
-            tokens = value.shape[1] - prefix
-            if checkpoint_grid is None and value.shape == want and round(np.sqrt(tokens)) ** 2 != tokens:
-                old = new  # a non-square grid of the model's token count: trained at this size
-            else:
-                old = posemb_grid(value, prefix, checkpoint_grid)
-            if old != new:  # resize whenever the layout differs, not only the token count
-                logger.info("Resizing position embedding grid %s -> %s.", old, new)
-                value = resize_posemb(value, new, prefix, old)
-        if value.shape != want:
-            mismatched.append(f"{key}: checkpoint {value.shape}, model {want}")
-            continue
-        assign_.append((variable, value))
-    dropped = [k for k in params if k not in targets and (
-        (k.startswith("head/") and not has_top)
-        or (k.startswith("pre_logits/") and not has_pre_logits and not head_fits))]
-    unused = [f"{k} {params[k].shape}" for k in params if k not in targets and k not in dropped]
-    if missing or unused or mismatched:
-        lines = [f"Checkpoint {source} does not fit model {model.name!r}:"]
-        for title, items in (("missing", missing), ("unused", unused), ("wrong shape", mismatched)):
-            if items:
-                lines += [f"  {title} ({len(items)}):", *_describe(items)]
-        if any(k.startswith("pre_logits/") for k in unused):
-            lines.append("  (the checkpoint's head was trained on its pre_logits layer: keep it with "
-                         "keep_pre_logits=True, or re-initialise the head with pretrained_top=False)")
-        lines += _hints(params, targets)
-        raise ValueError("\n".join(lines))
-    for variable, value in assign_:
-        variable.assign(value)
-    for variable, layer, key, shape in reinit:
-        initializer = layer.kernel_initializer if key.endswith("kernel") else layer.bias_initializer
-        variable.assign(initializer(variable.shape, variable.dtype))
-        why = "pretrained_top=False" if not pretrained_top else f"checkpoint has {shape}"
-        logger.warning("Re-initialised %s %s (%s).", key, tuple(variable.shape), why)
-    if any(k.startswith("pre_logits/") for k in dropped):
-        logger.info("Dropped the checkpoint's pre_logits layer (the head is new), as the original's "
-                    "load_pretrained does; keep it with keep_pre_logits=True.")
-    if any(k.startswith("head/") for k in dropped):
-        logger.info("Model has no top: skipped the checkpoint's head.")
+    policy = LoadPolicy() if policy is None else policy
+    if not isinstance(policy, LoadPolicy):
+        raise ValueError(f"policy must be a vit_keras.LoadPolicy or None, got {policy!r}.")
+    if not isinstance(checkpoint, Checkpoint):
+        from vit_keras import sources  # sources imports this module
+
+        checkpoint = sources.load(checkpoint).checkpoint
+    _embeddings_of(model, checkpoint.path)
+    steps = adapt(plan(model, checkpoint.params, policy), model, policy)
+    apply(report(steps, model.name, checkpoint.path, policy))
     return model
 
 
+def assign(model, params, pretrained_top=True, checkpoint_grid=None, source="checkpoint"):
+    """`load_weights` of canonical `params` (from `read`) under the policy of these arguments."""
+    return load_weights(model, Checkpoint(source, params), LoadPolicy(pretrained_top, checkpoint_grid=checkpoint_grid))
+
+
 def load_npz(model, path, pretrained_top=True, checkpoint_grid=None):
-    """Loads an original `.npz` checkpoint into a model of this package.
+    """Loads an original `.npz` checkpoint into a model of this package (`load_weights` of an `.npz`).
 
     Any known layout loads (published pre-Linen names, Linen names,
-    `opt/target/` or `params/` prefixes, big_vision's). The position embedding
-    is resized whenever the token grid differs (the checkpoint's grid is
-    square unless `checkpoint_grid` says otherwise); the head is
-    re-initialised (with a log line) when its shape differs or with
-    `pretrained_top=False`; the checkpoint's `pre_logits` layer is dropped
-    when the model has none and its head is new or absent. Anything else
-    missing, unused or mis-shaped, non-finite values and unreadable files raise
-    one `ValueError`; nothing is assigned then.
+    `opt/target/` or `params/` prefixes, big_vision's); see `load_weights` for
+    what is resized, re-initialised, dropped or refused.
 
     Args:
         model: keras.Model. Built by this package.

@@ -8,7 +8,7 @@ import numpy as np
 
 from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
 from vit_keras.layers.std_conv import standardize_kernel
-from vit_keras.presets import check_architecture
+from vit_keras.presets import ViTConfig, check_architecture
 from vit_keras.sizes import height_width
 
 
@@ -48,21 +48,21 @@ def build_model(
     num_heads,
     mlp_dim,
     classes,
-    dropout=0.1,
-    attention_dropout=0.0,
+    dropout=ViTConfig.dropout,
+    attention_dropout=ViTConfig.attention_dropout,
     activation="linear",
     include_top=True,
     representation_size=None,
     resnet_layers=None,
-    resnet_width_factor=1,
-    classifier="token",
+    resnet_width_factor=ViTConfig.resnet_width_factor,
+    classifier=ViTConfig.classifier,
     name="vit",
     weights=None,
     pretrained_top=True,
     keep_pre_logits=None,
     checkpoint_grid=None,
     class_names=None,
-    posemb="learn",
+    posemb=ViTConfig.posemb,
     layer_norm_epsilon=None,
     gelu_approximate=None,
     ws_epsilon=None,
@@ -71,12 +71,16 @@ def build_model(
     remat=False,
     input_channels=3,
 ):
-    """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
+    """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT) from its architecture.
 
-    The fields are those of the original config. Layers carry the original
-    checkpoint's names (`embeddings` holds `embedding`, `cls`, the position
-    embedding and, for the hybrid, `resnet`; `Transformer` is the encoder;
-    `pre_logits`, `head`), so weight loading is a name map.
+    The fields are those of the original config (`ViTConfig`, whose defaults
+    these are). Layers carry the original checkpoint's names (`embeddings`
+    holds `embedding`, `cls`, the position embedding and, for the hybrid,
+    `resnet`; `Transformer` is the encoder; `pre_logits`, `head`), so weight
+    loading (`vit_keras.load_weights`) is a name map. This function builds
+    only; `weights` is the one-call form kept for older code: the checkpoint
+    is read, the top fitted to it (`LoadPolicy.top`), then `load_weights`
+    runs, as `create` does.
 
     Args:
         image_size: int or (height, width). Input resolution; need not be square.
@@ -87,9 +91,9 @@ def build_model(
         num_heads: int. Attention heads.
         mlp_dim: int. MLP hidden width.
         classes: int or None. Outputs of the head; None takes the
-            checkpoint's (with `weights`).
+            checkpoint's (with `weights`), or with `include_top=False`.
         dropout: float. Dropout after the embedding and inside the blocks.
-            Defaults to 0.1.
+            Defaults to `ViTConfig.dropout` (0.0).
         attention_dropout: float. Dropout on the attention weights. Defaults
             to 0.
         activation: str. Activation of the head. Defaults to "linear".
@@ -110,17 +114,17 @@ def build_model(
             (no class token; big_vision's attention pooling, `MAPHead`).
             Defaults to "token".
         name: str. Model name. Defaults to "vit".
-        weights: str, `checkpoint.Checkpoint` or None. A local path or URL
-            of an original `.npz` checkpoint to load (or one already read).
-            Defaults to None.
-        pretrained_top: bool. Load the checkpoint's head when its shape fits.
+        weights: str, `checkpoint.Checkpoint` or None. A checkpoint to load
+            (path or URL, any `vit_keras.sources` format, or one already
+            read). Defaults to None.
+        pretrained_top: bool. With `weights`: `LoadPolicy.pretrained_top`.
             Defaults to True.
-        keep_pre_logits: bool or None. Keep the checkpoint's `pre_logits`
-            layer. None keeps it only when the checkpoint's head is loaded
-            too; a new head (other `classes`, `pretrained_top=False`) or no
-            top drops it, as the original's `load_pretrained`. Defaults to None.
-        checkpoint_grid: (rows, cols) or None. The checkpoint's position
-            embedding grid when it is not square. Defaults to None.
+        keep_pre_logits: bool or None. With `weights`:
+            `LoadPolicy.keep_pre_logits` (None keeps the checkpoint's
+            `pre_logits` only with its head, as the original's
+            `load_pretrained`). Defaults to None.
+        checkpoint_grid: (rows, cols) or None. With `weights`:
+            `LoadPolicy.checkpoint_grid`. Defaults to None.
         class_names: list of str or None. Names of the classes, kept in the
             head's config (and so in `.keras` files). Defaults to None.
         posemb: str. "learn" or "sincos2d" (big_vision's fixed table).
@@ -133,14 +137,15 @@ def build_model(
             epsilon; None: 1e-8 for timm weights, else 1e-5. Defaults to None.
         gn_epsilon: float or None. The ResNet's GroupNorm epsilon; None: 1e-5
             for timm weights, else 1e-6. Defaults to None.
-        checkpoint_prefix: str or None. The tower to load from a two-tower
-            file (SigLIP/LiT `params/img/...`: "img"). Defaults to None.
+        checkpoint_prefix: str or None. With `weights`: the tower to read
+            from a two-tower file (SigLIP/LiT `params/img/...`: "img").
+            Defaults to None.
         remat: bool. Recompute each encoder block (and ResNet stage) in the
             backward pass: less memory, same gradients. Defaults to False.
         input_channels: int. Channels of the input images. A 3-channel
-            checkpoint's first convolution is adapted (1: summed over RGB;
-            N: repeated and scaled by 3/N, see `reshape.adapt_input_kernel`).
-            Defaults to 3.
+            checkpoint's first convolution is adapted when loaded (1: summed
+            over RGB; N: repeated and scaled by 3/N, see
+            `reshape.adapt_input_kernel`). Defaults to 3.
 
     Example:
     >>> model = build_model(32, 16, num_layers=2, hidden_size=64, num_heads=4,
@@ -155,35 +160,26 @@ def build_model(
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, numbers.Integral)
                                 or classes < 1):
         raise ValueError(f"classes must be a positive integer (or None with weights), got {classes!r}.")
-    if classes is None and weights is None:
+    if classes is None and include_top and weights is None:
         raise ValueError("classes=None takes the checkpoint's head classes: it needs weights.")
     from vit_keras import reshape
 
     reshape.check_input_channels(input_channels)
     height, width = height_width(image_size)
-    params = None
     numerics = dict(layer_norm_epsilon=layer_norm_epsilon, gelu_approximate=gelu_approximate,
                     ws_epsilon=ws_epsilon, gn_epsilon=gn_epsilon)
-    numerics = {k: v for k, v in numerics.items() if v is not None}  # given: kept
-    if weights is not None:
-        from vit_keras import checkpoint
+    if weights is not None:  # the one-call form: read, fit the top, build, load (`vit.build_loaded`)
+        from vit_keras import checkpoint, vit
 
-        if not isinstance(weights, checkpoint.Checkpoint):
-            from vit_keras import sources
-
-            source = sources.load(weights, prefix=checkpoint_prefix)
-            weights = source.checkpoint
-            numerics = {**source.numerics, **numerics}  # the source's, where not given
-        path, params = weights
-        if classes is None:
-            classes = checkpoint.head_classes(params)
-            if classes is None and include_top:
-                raise ValueError(f"{path} has no head: classes=None cannot take its class count; pass classes.")
-        if representation_size is None and checkpoint.representation_size(params):
-            head_kept = (include_top and pretrained_top and checkpoint.head_classes(params) == classes)
-            keep = head_kept if keep_pre_logits is None else keep_pre_logits
-            representation_size = checkpoint.representation_size(params) if keep else None
-    numerics = {**GOOGLE_NUMERICS, **numerics}
+        policy = checkpoint.LoadPolicy(pretrained_top, keep_pre_logits, checkpoint_grid)
+        return vit.build_loaded(
+            weights, policy, checkpoint_prefix=checkpoint_prefix, image_size=image_size, patch_size=patch_size,
+            num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, mlp_dim=mlp_dim, classes=classes,
+            dropout=dropout, attention_dropout=attention_dropout, activation=activation, include_top=include_top,
+            representation_size=representation_size, resnet_layers=resnet_layers,
+            resnet_width_factor=resnet_width_factor, classifier=classifier, name=name, class_names=class_names,
+            posemb=posemb, remat=remat, input_channels=input_channels, **numerics)
+    numerics = {**GOOGLE_NUMERICS, **{k: v for k, v in numerics.items() if v is not None}}  # given: kept
     embeddings = Embeddings(
         hidden_size,
         patch_size,
@@ -227,12 +223,7 @@ def build_model(
             name="head",
             dtype="float32",
         )(y)
-    model = keras.Model(inputs, y, name=name)
-    if params is not None:
-        params = reshape.adapt_input_params(params, input_channels)
-        checkpoint.assign(model, params, pretrained_top=pretrained_top,
-                          checkpoint_grid=checkpoint_grid, source=path)
-    return model
+    return keras.Model(inputs, y, name=name)
 
 
 def class_names(model):

@@ -163,6 +163,29 @@ ALL_CONFIGS = {**CONFIGS, **SMALL_CONFIGS}
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadPolicy:
+    """A checkpoint's top as data, read by the loader (as timm's pretrained cfg names its `classifier`).
+
+    `checkpoint.LoadPolicy` takes it from the checkpoint's `Preset` (a file
+    that is no preset gets the default, the original's rule).
+
+    Args:
+        head: str. The checkpoint's classifier layer: loaded where the model's
+            head has its shape, else re-initialised. Defaults to "head".
+        tied: tuple of str. Layers trained for that head (the tanh
+            `pre_logits`): kept with the head, dropped with a new one (the
+            original's "drop-head variant"). Defaults to ("pre_logits",).
+
+    Example:
+    >>> find_preset("vit_b16", "imagenet21k").head
+    HeadPolicy(head='head', tied=('pre_logits',))
+    """
+
+    head: str = "head"
+    tied: tuple = ("pre_logits",)
+
+
+@dataclasses.dataclass(frozen=True)
 class Preset:
     """One published checkpoint: where it is and what it expects."""
 
@@ -175,6 +198,7 @@ class Preset:
     std: tuple = (0.5, 0.5, 0.5)
     sha256: str = None  # Google publishes none; verified after download when set
     license: str = "Apache-2.0"
+    head: HeadPolicy = HeadPolicy()  # what loading keeps of its head and pre_logits (issue 21)
 
 
 _GCS = "https://storage.googleapis.com/vit_models/"

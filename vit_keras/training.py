@@ -362,7 +362,7 @@ def _model_from(spec, num_classes, class_names, image_size, weights, dropout, ch
     if isinstance(spec, dict):  # build_model arguments
         config = dict(spec, classes=num_classes, class_names=class_names,
                       image_size=image_size or spec.get("image_size", 224),
-                      dropout=spec.get("dropout", 0.1) if dropout is None else dropout)
+                      dropout=spec.get("dropout", presets.ViTConfig.dropout) if dropout is None else dropout)
         return build_model(**config, **({"weights": weights} if weights else {}), input_channels=input_channels)
     if isinstance(spec, str) and spec not in presets.ALL_CONFIGS and not vit.is_checkpoint_path(spec):
         known = ", ".join(sorted(presets.ALL_CONFIGS))

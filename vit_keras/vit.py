@@ -4,7 +4,7 @@ import dataclasses
 import logging
 import os
 
-from vit_keras import presets, sources
+from vit_keras import checkpoint, presets, sources
 from vit_keras.model import build_model
 from vit_keras.preprocessing import preprocess_inputs  # noqa: F401 (part of this module's API)
 from vit_keras.utils import get_imagenet_classes
@@ -145,6 +145,9 @@ def create(
         image_size = presets.find_preset(config.name, weights).resolution if published else 224
     params = None
     if pretrained:
+        # The head policy is the preset's data (a file of the user's: the original's rule).
+        head = presets.find_preset(config.name, weights, image_size).head if published else presets.HeadPolicy()
+        policy = checkpoint.LoadPolicy(pretrained_top, keep_pre_logits, checkpoint_grid, head)
         if source is None:
             source = sources.load(weights, model=config.name, image_size=image_size, prefix=checkpoint_prefix)
         params = source.checkpoint
@@ -165,21 +168,39 @@ def create(
         class_names = get_imagenet_classes()
     overrides = {k: v for k, v in dict(dropout=dropout, attention_dropout=attention_dropout,
                                        classifier=classifier).items() if v is not None}
-    return build_model(
-        **dataclasses.replace(config, **overrides).build_args(),
-        image_size=image_size,
-        classes=classes,
-        activation=activation,
-        include_top=include_top,
-        name=name or config.name.replace("_", "-"),
-        weights=params,
-        pretrained_top=pretrained_top,
-        keep_pre_logits=keep_pre_logits,
-        checkpoint_grid=checkpoint_grid,
-        class_names=class_names,
-        remat=remat,
-        input_channels=input_channels,
-    )
+    arch = dict(dataclasses.replace(config, **overrides).build_args(), image_size=image_size, classes=classes,
+                activation=activation, include_top=include_top, name=name or config.name.replace("_", "-"),
+                class_names=class_names, remat=remat, input_channels=input_channels)
+    if params is None:
+        return build_model(**arch)
+    return build_loaded(params, policy, **arch)
+
+
+def build_loaded(weights, policy=None, checkpoint_prefix=None, **arch):
+    """`build_model(**arch)` fitted to a checkpoint's top, then `load_weights`: the path behind `create`.
+
+    The checkpoint is read here unless it already was (a `checkpoint.Checkpoint`,
+    as `create` passes); numerics left None are the source's. `classes=None`
+    takes the checkpoint's head classes, and its `pre_logits` layer is part of
+    the model where `policy` keeps it (`LoadPolicy.top`).
+
+    Args:
+        weights: `checkpoint.Checkpoint` or str. A checkpoint read once, or a
+            path or URL to read (any `vit_keras.sources` format).
+        policy: `checkpoint.LoadPolicy` or None. None: `LoadPolicy()`.
+            Defaults to None.
+        checkpoint_prefix: str or None. The tower of a two-tower file, when
+            `weights` is read here. Defaults to None.
+        **arch: The `build_model` arguments (without `weights`).
+    """
+    policy = checkpoint.LoadPolicy() if policy is None else policy
+    if not isinstance(weights, checkpoint.Checkpoint):
+        source = sources.load(weights, prefix=checkpoint_prefix)
+        weights = source.checkpoint
+        arch.update({k: v for k, v in source.numerics.items() if arch.get(k) is None})  # given: kept
+    arch.update(policy.top(weights.params, arch.get("classes"), arch.get("include_top", True),
+                           arch.get("representation_size"), weights.path))
+    return checkpoint.load_weights(build_model(**arch), weights, policy)
 
 
 # The builders: `create` with a name, and the defaults of the older vit-keras (224 px, 1000 classes,
