@@ -572,7 +572,7 @@ LOCK_FILE = ".lock"
 
 
 @dataclasses.dataclass
-class Run:
+class _Run:
     """What the steps of one `train` run hand on to the next; each step fills its part."""
 
     dist: object = None  # _place: the strategy (tf.distribute) or `distribute.KerasDistribution`
@@ -598,7 +598,7 @@ def _place(c):
     out_dir = c.out if distribute.is_chief(dist) else os.path.join(c.out, f".worker-{distribute.task_id()}")
     if _finished_run(out_dir) and not c.overwrite:
         raise _finished_error(c.out, out_dir)
-    return Run(dist=dist, out_dir=out_dir)
+    return _Run(dist=dist, out_dir=out_dir)
 
 
 def _data(c, run):
@@ -771,7 +771,3 @@ def _finish(c, run):
     shutil.rmtree(backup.directory, ignore_errors=True)  # finished: nothing left to resume
     return Result(metrics, net)
 
-
-def _run(c):
-    """`train(c)` (kept for callers of earlier versions)."""
-    return train(c)
