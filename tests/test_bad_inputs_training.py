@@ -97,32 +97,38 @@ def test_library_refuses_bad_numbers_before_touching_disk(tmp_path, name, value,
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--epochs", "0", "must be a positive integer, got 0"),
-    ("--batch-size", "0", "must be a positive integer, got 0"),
-    ("--batch-size", "-4", "must be a positive integer, got -4"),
-    ("--image-size", "0", "must be a positive size in pixels"),
-    ("--image-size", "32x0", "must be a positive size in pixels"),
-    ("--grad-accum", "0", "must be a positive integer, got 0"),
-    ("--backup-every", "0", "must be a positive integer, got 0"),
-    ("--warmup-steps", "-1", "must be an integer >= 0, got -1"),
-    ("--crop-area", "0.5", "must be MIN,MAX shares of the image area"),
+    ("--epochs", "0", "epochs must be a positive integer, got 0."),
+    ("--batch-size", "0", "batch_size must be a positive integer, got 0."),
+    ("--batch-size", "-4", "batch_size must be a positive integer, got -4."),
+    ("--image-size", "0", "image_size must be a positive integer or a (height, width) pair of them, got 0."),
+    ("--image-size", "32x0", "image_size must be a positive integer or a (height, width) pair of them, got (32, 0)."),
+    ("--grad-accum", "0", "grad_accum must be a positive integer, got 0."),
+    ("--backup-every", "0", "backup_every must be a positive integer, got 0."),
+    ("--warmup-steps", "-1", "warmup_steps must be a non-negative integer, got -1."),
+    ("--crop-area", "0.5,0", "crop_area must be a (min, max) share of the image area"),
 ])
 def test_cli_refuses_bad_numbers(tmp_path, capsys, flag, value, message):
+    """The check of `TrainConfig`'s field, after parsing: the message `train()` gives (tests/test_train_config.py)."""
     out = tmp_path / "run"
     argv = ["train", "--dataset", str(tmp_path / "missing"), "--out", str(out), flag, value]
+    assert cli.main(argv) == 2
+    assert f"vit-keras: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_refuses_text_that_is_no_number(tmp_path, capsys):
+    out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+        cli.main(["train", "--dataset", str(tmp_path / "missing"), "--out", str(out), "--crop-area", "0.5"])
     assert exit_info.value.code == 2
-    assert f"argument {flag}: {message}" in capsys.readouterr().err
+    assert "argument --crop-area: must be MIN,MAX shares of the image area" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_epochs_zero_on_a_finished_run_changes_nothing(run_copy, capsys):
     before = snapshot(run_copy)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", *TINY_ARGS[:-2], "--epochs", "0", "--out", str(run_copy)])
-    assert exit_info.value.code == 2
-    assert "argument --epochs: must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli.main(["train", *TINY_ARGS[:-2], "--epochs", "0", "--out", str(run_copy)]) == 2
+    assert "vit-keras: error: epochs must be a positive integer, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
         training.train(dataset="digits", out=str(run_copy), epochs=0, **TINY)
     assert snapshot(run_copy) == before

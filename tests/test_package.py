@@ -13,11 +13,11 @@ PACKAGE = ROOT / "vit_keras"
 # Name -> config -> model -> (train | evaluate | serve): each module may import (at module
 # level) only modules of earlier levels. Functions import later ones lazily where they must.
 LEVELS = [
-    {"preprocessing", "presets", "files", "download", "console", "sizes"},
+    {"preprocessing", "presets", "files", "download", "console", "sizes", "options"},
     {"layers", "optimizers"},
     {"checkpoint", "sources"},
     {"model", "utils", "reshape"},
-    {"vit", "features", "predict"},
+    {"vit", "features", "predict", "loader"},
     {"data", "distribute", "visualize", "image_check", "finetune"},
     {"training", "evaluate", "serving"},
     {"export", "cli"},

@@ -54,8 +54,8 @@ from vit_keras.vit import (
 __version__ = "0.2.0"
 
 # Imported on first use (PEP 562).
-_LAZY = ("checkpoint", "cli", "data", "distribute", "download", "evaluate", "export", "features", "files",
-         "model", "predict", "preprocessing", "reshape", "serving", "sources", "training", "visualize")
+_LAZY = ("checkpoint", "cli", "data", "distribute", "download", "evaluate", "export", "features", "files", "loader",
+         "model", "options", "predict", "preprocessing", "reshape", "serving", "sources", "training", "visualize")
 
 
 def __getattr__(name):

@@ -6,12 +6,11 @@ constants give the choices and whose ValueErrors become one-line errors.
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 
-from vit_keras import console, data, distribute, files, presets, serving, training, visualize
+from vit_keras import console, data, files, options, presets, serving, sizes, training, visualize
 from vit_keras.serving.folders import _check_name_and_version
 
 
@@ -30,31 +29,14 @@ def _positive(text):
     return _integer(text, 1)
 
 
-def _non_negative(text):
-    return _integer(text, 0)
-
-
 def _size(text):
-    parts = text.lower().replace("x", ",").split(",")
     try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive size in pixels, or HEIGHTxWIDTH of them (384, 384x512), got {text!r}")
-    return sizes[0] if len(sizes) == 1 else tuple(sizes)
-
-
-def _area(text):
-    try:
-        lo, hi = (float(p) for p in text.split(","))
-    except ValueError:
-        lo = hi = float("nan")
-    if not 0 < lo <= hi <= 1:
-        raise argparse.ArgumentTypeError(
-            f"must be MIN,MAX shares of the image area with 0 < MIN <= MAX <= 1 (0.05,1), got {text!r}")
-    return lo, hi
+        size = sizes.parse(text)
+        if not sizes.is_size(size):
+            raise ValueError(f"must be a positive size in pixels, or HEIGHTxWIDTH of them, got {text!r}")
+        return size
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _plain_name(text):
@@ -66,64 +48,15 @@ def _plain_name(text):
     return text
 
 
-def add_train_arguments(p):
-    """The `TrainConfig` fields as flags: `--batch-size` sets `batch_size`, `--lr` sets `learning_rate`."""
-    d = training.TrainConfig()
-    p.add_argument("--model", default=d.model,
-                   help="builder or small-config name (vit_r50_b16, vit_hybrid_tiny, ...), or a .keras file")
-    p.add_argument("--dataset", default=d.dataset,
-                   help="'digits' (built in, offline), a folder of class folders, or a TFDS name")
-    p.add_argument("--data-dir", default=d.data_dir, help="TFDS data directory")
-    p.add_argument("--download", action="store_true", help="let TFDS download and prepare the dataset")
-    p.add_argument("--weights", default=d.weights,
-                   help=f"start from a checkpoint: {', '.join(presets.WEIGHT_NAMES)}, an .npz path/URL, a timm "
-                        "model.safetensors, a transformers or Orbax folder")
-    p.add_argument("--image-size", type=_size, default=d.image_size,
-                   help="resolution, e.g. 384 or 384x512 (default: the checkpoint's, else 224)")
-    p.add_argument("--epochs", type=_positive, default=d.epochs)
-    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help="global batch size")
-    p.add_argument("--out", default=d.out,
-                   help="output folder (resumes if it holds a backup; a finished run needs --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="train again in an --out that holds a finished run (model.keras, metrics.json)")
-    p.add_argument("--optimizer", choices=training.OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--lr", dest="learning_rate", type=float, default=d.learning_rate, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=_non_negative, default=d.warmup_steps, help="default: 5%% of the steps")
-    p.add_argument("--grad-accum", type=_positive, default=d.grad_accum, help="gradient accumulation steps")
-    p.add_argument("--clipnorm", type=float, default=d.clipnorm, help="global gradient-norm clip")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--dropout", type=float, default=d.dropout,
-                   help="dropout rate (default: the original config's, e.g. 0.1 for vit_r50_b16)")
-    p.add_argument("--randaugment", action="store_true")
-    p.add_argument("--mixup", action="store_true")
-    p.add_argument("--cutmix", action="store_true")
-    p.add_argument("--crop-area", type=_area, default=d.crop_area, help="random-crop area range, e.g. 0.05,1")
-    p.add_argument("--strategy", choices=distribute.STRATEGIES, default="default")
-    p.add_argument("--precision", choices=training.PRECISIONS, default=d.precision)
-    p.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--backup-every", type=_positive, default=d.backup_every,
-                   help="steps between backups (default: an epoch)")
-    p.add_argument("--checkpoint-prefix", default=d.checkpoint_prefix,
-                   help="the tower of a two-tower --weights file (SigLIP/LiT: img)")
-    # Fine-tuning big models (vit_keras.finetune, vit_keras.reshape).
-    p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less memory)")
-    p.add_argument("--trainable", default=d.trainable,
-                   help="all | head (linear probe) | blocks:N (last N blocks + norm + head); default all")
-    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
-                   help="layer-wise learning-rate decay in (0, 1], e.g. 0.75")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank,
-                   help="LoRA adapters of this rank on the attention and MLP layers (with the head, all that trains)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (default: the rank)")
-    p.add_argument("--input-channels", type=int, default=d.input_channels,
-                   help="1: grey images (the first convolution summed over RGB); default: the model's (3)")
+def add_train_arguments(p, config_class=None):
+    """The `TrainConfig` fields as flags, made from the fields (`options.add_arguments`): `--batch-size` sets
+    `batch_size`, `--lr` sets `learning_rate`; the help is each field's doc."""
+    options.add_arguments(p, config_class or training.TrainConfig)
 
 
 def train_config(args):
-    """The `TrainConfig` of parsed `vit-keras train` arguments."""
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
-    return training.TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    """The `TrainConfig` of parsed `vit-keras train` arguments (`training.validate` checks it as `train` does)."""
+    return options.from_args(training.TrainConfig, args)
 
 
 def _print_metrics(metrics, out):

@@ -6,40 +6,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from vit_keras import data, files, presets
-from vit_keras import vit
+from vit_keras import data, files, loader, presets
 from vit_keras.model import class_names
 from vit_keras.preprocessing import MEAN, STD, preprocess_inputs
 
 
 def load_model(model, weights=None, image_size=None, checkpoint_prefix=None):
-    """A model to evaluate: a `keras.Model`, a `.keras` file, or a builder name with `weights`.
+    """A model to evaluate: a `keras.Model`, a `.keras` file, a checkpoint, or a model name with `weights`.
 
-    A builder name loads `weights` (its default published checkpoint when
-    None) with the checkpoint's own head, at `image_size` (default: the
-    checkpoint's resolution).
+    A name loads `weights` (its default published checkpoint when None) with
+    the checkpoint's own head, at `image_size` (default: the checkpoint's
+    resolution). `loader.load_model`: the one loader of models.
     """
-    if isinstance(model, keras.Model):
-        return model
-    if isinstance(model, str) and model.endswith(".keras"):
-        return files.load_keras(model)  # one line for a missing file or an unknown layer
-    if vit.is_checkpoint_path(model):  # a checkpoint that names its architecture
-        return vit.create(model, weights=weights, classes=None, image_size=image_size,
-                          checkpoint_prefix=checkpoint_prefix)
-    if model not in presets.CONFIGS:
-        raise ValueError(f"Unknown model {model!r}; use a builder name ({', '.join(presets.CONFIGS)}) "
-                         "or a .keras file.")
-    weights = weights or presets.default_weights(model)
-    if weights is None:
-        raise ValueError(f"{model} has no published weights: pass --weights (an .npz path or URL).")
     # classes=None: the head as the checkpoint has it; image_size None: the checkpoint's resolution.
-    return vit.create(model, weights=weights, classes=None, image_size=image_size,
-                      checkpoint_prefix=checkpoint_prefix)
+    return loader.load_model(model, weights=weights or loader.DEFAULT, classes=None, image_size=image_size,
+                             checkpoint_prefix=checkpoint_prefix)
 
 
 def _preset(model, weights, image_size):
     """The published checkpoint a builder name with `weights` loads, or None."""
-    if not isinstance(model, str) or model not in presets.CONFIGS:
+    if not isinstance(model, str) or model not in loader.NAMES:
         return None
     weights = weights or presets.default_weights(model)
     return presets.find_preset(model, weights, image_size) if weights in presets.WEIGHT_NAMES else None
@@ -122,7 +108,7 @@ def evaluate(model, dataset, weights=None, image_size=None, split="test", batch_
     if classes != len(splits.class_names):
         raise ValueError(f"Model {model.name!r} has {classes} outputs but {dataset} has "
                          f"{len(splits.class_names)} classes.")
-    if not (isinstance(model_arg, str) and model_arg in presets.CONFIGS):  # a builder's head: ImageNet's names
+    if not (isinstance(model_arg, str) and model_arg in loader.NAMES):  # a builder's head: ImageNet's names
         check_labels(class_names(model), splits.class_names, dataset, label_map)
     height, width = model.input_shape[1:3]
 

@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 
@@ -57,24 +56,13 @@ def atomic_write_json(obj, path):
 
 
 def load_keras(path):
-    """A `.keras` file -> the model (a model is passed through); failures: one-line ValueError naming the path."""
-    import keras
+    """A `.keras` file -> the model (a model is passed through); failures: one-line ValueError naming the path.
 
-    if not isinstance(path, (str, os.PathLike)):
-        return path
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"cannot load the model {path}: no such file.")
-    try:
-        return keras.saving.load_model(path)
-    except Exception as e:
-        unknown = re.search(r"Could not locate (?:class|function) '([^']+)'", str(e))
-        if unknown:  # Keras's first line is generic advice; the class is what the user needs
-            raise ValueError(f"cannot load the model {path}: Could not locate class '{unknown.group(1)}' (a "
-                             "class of the program that wrote it: import the code that registers it "
-                             "first).") from None
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise ValueError(f"cannot load the model {path}: {lines[0] if lines else type(e).__name__}") from None
+    `loader.load_model(path, files_only=True)`: the one loader of models.
+    """
+    from vit_keras import loader
+
+    return loader.load_model(path, files_only=True)
 
 
 def output_folder(out):

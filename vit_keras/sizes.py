@@ -40,3 +40,30 @@ def height_width(image_size, name="image_size"):
         raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, "
                          f"got {image_size!r}.")
     return (int(sides[0]), int(sides[-1]))
+
+
+def parse(text):
+    """A size typed on a command line: `384` is 384, `384x512` (or `384,512`) is (384, 512).
+
+    Only the syntax: whether the numbers make a size is `height_width`'s (or `is_size`'s) to say.
+
+    Example:
+    >>> parse("384x512")
+    (384, 512)
+    """
+    try:
+        sides = [int(p) for p in str(text).lower().replace("x", ",").split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):  # the values are checked by `height_width`
+        raise ValueError(f"must be a size in pixels, or HEIGHTxWIDTH of them (384, 384x512), got {text!r}")
+    return sides[0] if len(sides) == 1 else tuple(sides)
+
+
+def is_size(value):
+    """Whether `height_width` takes `value`."""
+    try:
+        height_width(value)
+    except ValueError:
+        return False
+    return True

@@ -4,15 +4,17 @@
 >>> metrics = training.train("vit_hybrid_tiny", "digits", "runs/demo", epochs=6)  # doctest: +SKIP
 """
 
+import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
-import numbers
 import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 
@@ -20,9 +22,8 @@ import keras
 import numpy as np
 
 from vit_keras import data as data_lib
-from vit_keras import distribute, files, finetune, presets, reshape
+from vit_keras import distribute, files, finetune, loader, options, presets, reshape, sizes
 from vit_keras.files import atomic_write_json
-from vit_keras.model import build_model
 
 logger = logging.getLogger("vit_keras")
 
@@ -244,32 +245,6 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
         )
 
 
-def _check_arguments(epochs, batch_size, image_size, grad_accum, backup_every, warmup_steps,
-                     learning_rate, crop_area):
-    def is_int(value):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if backup_every is not None and (not is_int(backup_every) or backup_every < 1):
-        raise ValueError(f"backup_every must be a positive integer (steps) or None, got {backup_every!r}.")
-    if warmup_steps is not None and (not is_int(warmup_steps) or warmup_steps < 0):
-        raise ValueError(f"warmup_steps must be a non-negative integer or None, got {warmup_steps!r}.")
-    if image_size is not None:
-        data_lib.height_width(image_size)  # ValueError naming a bad size
-    if not isinstance(learning_rate, numbers.Real) or not np.isfinite(learning_rate) or learning_rate < 0:
-        raise ValueError(f"learning_rate must be a finite number >= 0, got {learning_rate!r}.")
-    if crop_area is not None:
-        try:
-            lo, hi = (float(v) for v in crop_area)
-        except (TypeError, ValueError):
-            lo = hi = float("nan")
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_area must be a (min, max) share of the image area with "
-                             f"0 < min <= max <= 1, got {crop_area!r}.")
-
-
 # TrainConfig fields a resumed run may change: where and how it runs, not what it computes.
 RESUME_MAY_CHANGE = ("out", "overwrite", "verbose", "backup_every", "download", "data_dir", "jit_compile",
                      "strategy", "remat")
@@ -331,46 +306,26 @@ def _finished_run(out_dir):
     return [name for name in FINISHED_FILES if os.path.exists(os.path.join(out_dir, name))]
 
 
-def _num_layers(spec):
-    """The encoder depth of a model spec, where known without building it (bounds `trainable=blocks:N`)."""
-    if isinstance(spec, dict):
-        return spec.get("num_layers")
-    if isinstance(spec, presets.ViTConfig) or (isinstance(spec, str) and spec in presets.ALL_CONFIGS):
-        from vit_keras import vit
-
-        return vit.get_config(spec).num_layers
-    return None  # a .keras file: checked once it is loaded
-
-
 def _model_from(spec, num_classes, class_names, image_size, weights, dropout, checkpoint_prefix=None,
                 input_channels=None):
-    """A model to train: a `.keras` file, or through `vit.create` a name, `ViTConfig` or `build_model` arguments."""
-    if isinstance(spec, str) and spec.endswith(".keras"):
-        model = files.load_keras(spec)
-        if model.output_shape[-1] != num_classes:
-            raise ValueError(
-                f"{spec} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes."
-            )
-        size = None if image_size is None else data_lib.height_width(image_size)
-        if size not in (None, tuple(model.input_shape[1:3])) or input_channels not in (None, model.input_shape[-1]):
-            model = reshape.resize(model, image_size=size, input_channels=input_channels)  # continue at that size
-        _rename_classes(model, class_names, spec)
-        return model
-    from vit_keras import vit
+    """A model to train: `loader.load_model`, then a `.keras` file fitted to the dataset (`_fit_to_data`)."""
+    model = loader.load_model(spec, weights=weights, classes=num_classes, image_size=image_size,
+                              class_names=class_names, dropout=dropout, checkpoint_prefix=checkpoint_prefix,
+                              input_channels=input_channels)
+    if loader.kind(spec) == "keras":
+        model = _fit_to_data(model, spec, num_classes, class_names, image_size, input_channels)
+    return model
 
-    input_channels = input_channels or 3
-    if isinstance(spec, dict):  # build_model arguments
-        config = dict(spec, classes=num_classes, class_names=class_names,
-                      image_size=image_size or spec.get("image_size", 224),
-                      dropout=spec.get("dropout", presets.ViTConfig.dropout) if dropout is None else dropout)
-        return build_model(**config, **({"weights": weights} if weights else {}), input_channels=input_channels)
-    if isinstance(spec, str) and spec not in presets.ALL_CONFIGS and not vit.is_checkpoint_path(spec):
-        known = ", ".join(sorted(presets.ALL_CONFIGS))
-        raise ValueError(f"Unknown model {spec!r}; known: {known}, or a .keras file.")
-    # image_size None: the published checkpoint's resolution, else 224 (as `create`).
-    return vit.create(spec, weights=weights, classes=num_classes, image_size=image_size,
-                      class_names=class_names, dropout=dropout, checkpoint_prefix=checkpoint_prefix,
-                      input_channels=input_channels)
+
+def _fit_to_data(model, source, num_classes, class_names, image_size, input_channels):
+    """A trained model continued on a dataset: the same class count, the size asked for, the dataset's names."""
+    if model.output_shape[-1] != num_classes:
+        raise ValueError(f"{source} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes.")
+    size = None if image_size is None else data_lib.height_width(image_size)
+    if size not in (None, tuple(model.input_shape[1:3])) or input_channels not in (None, model.input_shape[-1]):
+        model = reshape.resize(model, image_size=size, input_channels=input_channels)  # continue at that size
+    _rename_classes(model, class_names, source)
+    return model
 
 
 def _rename_classes(model, class_names, source):
@@ -390,31 +345,53 @@ def _short(names, most=4):
     return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
-def _check_numbers(c):
-    """The float fields: finite and within their meaning (a share is in [0, 1), a clip norm positive)."""
-    def real(value):
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+def _parse_size(text):
+    """`--image-size` text: 384 or 384x512 (384,512)."""
+    try:
+        return sizes.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
-    checks = (
-        ("weight_decay", c.weight_decay, real(c.weight_decay) and c.weight_decay >= 0, "a finite number >= 0"),
-        ("clipnorm", c.clipnorm, real(c.clipnorm) and c.clipnorm > 0, "a finite number > 0"),
-        ("label_smoothing", c.label_smoothing, real(c.label_smoothing) and 0 <= c.label_smoothing < 1,
-         "in [0, 1)"),
-        ("dropout", c.dropout, c.dropout is None or (real(c.dropout) and 0 <= c.dropout < 1), "in [0, 1)"),
-        ("seed", c.seed, isinstance(c.seed, numbers.Integral) and not isinstance(c.seed, bool)
-         and 0 <= c.seed < 2**32, "an integer in [0, 2**32)"),
-    )
-    for name, value, ok, meaning in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {meaning}, got {value!r}.")
+
+def _parse_area(text):
+    """`--crop-area` text: MIN,MAX."""
+    try:
+        lo, hi = (float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be MIN,MAX shares of the image area (0.05,1), got {text!r}") from None
+    return lo, hi
+
+
+def _parse_verbose(text):
+    """`--fit-verbose` text: auto, 0, 1 or 2."""
+    return text if text == "auto" else options.parse_int(text)
+
+
+def _is_area(value):
+    lo, hi = (float(v) for v in value)
+    return 0 < lo <= hi <= 1
+
+
+def _check_model(name, value):
+    """A model `loader` knows; a `.keras` file that is there (read once the data are loaded)."""
+    loader.check(value)
+    if loader.kind(value) == "keras" and not os.path.isfile(value):
+        raise ValueError(f"cannot load the model {value}: no such file.")
+
+
+_positive = options.positive_int
+_real = options.is_finite
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run takes: the arguments of `train` and of `vit-keras train`.
+    """Everything one training run takes: the arguments of `train` and the flags of `vit-keras train`.
 
-    `vit-keras train --flag` sets the field of the same name (`--lr` sets
-    `learning_rate`). See `train` for what each field means.
+    Each field is written once, here: its flag (`--batch-size` sets
+    `batch_size`, `--lr` sets `learning_rate`), default, help text and check
+    come from it (`vit_keras.options`), so `vit-keras train` and
+    `train(TrainConfig(...))` refuse a bad value with the same one-line
+    ValueError (`validate`).
 
     Example:
     >>> config = TrainConfig(model="vit_hybrid_tiny", image_size=64, epochs=2)
@@ -422,42 +399,112 @@ class TrainConfig:
     3
     """
 
-    model: object = "vit_r50_b16"
-    dataset: str = "digits"
-    out: str = "runs/train"
-    epochs: int = 10
-    batch_size: int = 64
-    image_size: object = None
-    weights: str = None
-    data_dir: str = None
-    download: bool = False
-    optimizer: str = "sgd"
-    learning_rate: float = 0.03
-    weight_decay: float = 0.0
-    warmup_steps: int = None
-    grad_accum: int = 1
-    clipnorm: float = 1.0
-    label_smoothing: float = 0.0
-    dropout: float = None
-    randaugment: bool = False
-    mixup: bool = False
-    cutmix: bool = False
-    crop_area: tuple = None
-    strategy: str = None
-    precision: str = "float32"
-    jit_compile: bool = False
-    seed: int = 0
-    backup_every: int = None
-    overwrite: bool = False
-    verbose: object = "auto"
-    checkpoint_prefix: str = None  # the tower of a two-tower `weights` file ("img")
-    # Fine-tuning big models (`finetune`, `reshape`): see `train`.
-    remat: bool = False
-    trainable: str = None
-    layer_decay: float = None
-    lora_rank: int = None
-    lora_alpha: float = None
-    input_channels: int = None
+    model: object = options.option(
+        "vit_r50_b16", "a model name (vit_r50_b16, the small vit_hybrid_tiny, ...), a .keras file to continue "
+        "from, or a checkpoint file or folder that names its architecture; from Python also build_model "
+        "arguments (a dict) or a ViTConfig", parse=str, check=_check_model)
+    dataset: str = options.option("digits", "'digits' (built in, offline), a folder of class folders, or a TFDS "
+                                  "name")
+    out: str = options.option("runs/train", "output folder (resumes if it holds a backup; a finished run needs "
+                              "--overwrite)")
+    epochs: int = options.option(10, "passes over the training split", check=_positive)
+    batch_size: int = options.option(64, "global batch size", check=_positive)
+    image_size: object = options.option(
+        None, "resolution, e.g. 384 or 384x512 (from Python 384 or (384, 512)); default: the checkpoint's, else "
+        "224", parse=_parse_size,
+        check=options.satisfies("a positive integer or a (height, width) pair of them", sizes.is_size))
+    weights: str = options.option(
+        None, f"a checkpoint to start from: a published name ({', '.join(presets.WEIGHT_NAMES)}), an .npz path "
+        "or URL, a timm model.safetensors, a transformers or Orbax folder; the head is replaced when the class "
+        "count differs (and a pre_logits layer dropped, as the original's fine-tuning does)")
+    data_dir: str = options.option(None, "TFDS data directory")
+    download: bool = options.option(False, "let TFDS download and prepare the dataset")
+    optimizer: str = options.option("sgd", "sgd (momentum 0.9, the original recipe) or adamw",
+                                    choices=OPTIMIZERS)
+    learning_rate: float = options.option(
+        0.03, "peak learning rate (linear warm-up, then cosine decay)", flag="--lr", aliases=("--learning-rate",),
+        check=options.satisfies("a finite number >= 0", lambda v: _real(v) and v >= 0))
+    weight_decay: float = options.option(0.0, "weight decay (adamw: 1e-4 where 0)",
+                                         check=options.satisfies("a finite number >= 0",
+                                                                 lambda v: _real(v) and v >= 0))
+    warmup_steps: int = options.option(None, "steps of linear warm-up; default: 5% of the steps",
+                                       check=options.non_negative_int)
+    grad_accum: int = options.option(1, "gradient accumulation steps", check=_positive)
+    clipnorm: float = options.option(1.0, "global gradient-norm clip",
+                                     check=options.satisfies("a finite number > 0", lambda v: _real(v) and v > 0))
+    label_smoothing: float = options.option(0.0, "label smoothing of the cross-entropy",
+                                            check=options.satisfies("in [0, 1)",
+                                                                    lambda v: _real(v) and 0 <= v < 1))
+    dropout: float = options.option(
+        None, "dropout rate; default: the model's original config's (0.1 for vit_r50_b16, 0.0 for vit_b16, ...)",
+        check=options.satisfies("in [0, 1)", lambda v: _real(v) and 0 <= v < 1))
+    randaugment: bool = options.option(False, "RandAugment on the training images")
+    mixup: bool = options.option(False, "mixup of training batches")
+    cutmix: bool = options.option(False, "CutMix of training batches")
+    crop_area: tuple = options.option(
+        None, "random-crop area range, e.g. 0.05,1 (from Python (0.05, 1.0)); default: the dataset's",
+        parse=_parse_area,
+        check=options.satisfies("a (min, max) share of the image area with 0 < min <= max <= 1", _is_area))
+    strategy: str = options.option(
+        "default", "default (one device), mirrored, multi_worker or tpu (tf.distribute); on JAX mirrored and tpu "
+        "are keras.distribution.DataParallel over all local devices; PyTorch takes default only",
+        choices=distribute.STRATEGIES)
+    precision: str = options.option("float32", "float32, mixed_bfloat16 or mixed_float16", choices=PRECISIONS)
+    jit_compile: bool = options.option(False, "compile the train step with XLA (torch.compile on PyTorch); JAX "
+                                       "always compiles it")
+    seed: int = options.option(0, "random seed (initialisation, data order, augmentation)",
+                               check=options.satisfies("an integer in [0, 2**32)",
+                                                       lambda v: options.is_int(v) and 0 <= v < 2**32))
+    backup_every: int = options.option(None, "steps between backups; default: an epoch", check=_positive)
+    overwrite: bool = options.option(
+        False, "train again in an --out that holds a finished run (model.keras, metrics.json): its files are "
+        "replaced as the new run writes its own, log.csv and logs/ appended to; without it that is a "
+        "FileExistsError. An unfinished run (one with a backup) always resumes")
+    verbose: object = options.option(
+        "auto", "model.fit's output: 0 none, 1 a progress bar, 2 a line per epoch; auto: 1 on a terminal, else 2",
+        flag="--fit-verbose", parse=_parse_verbose, choices=("auto", 0, 1, 2))
+    checkpoint_prefix: str = options.option(None, "the tower of a two-tower --weights file (SigLIP/LiT: img)")
+    # Fine-tuning big models (`finetune`, `reshape`); checked together by `finetune.check_arguments`.
+    remat: bool = options.option(False, "recompute each encoder block (and ResNet stage) in the backward pass: "
+                                 "less memory, same gradients")
+    trainable: str = options.option(
+        None, "all | head (a linear probe) | blocks:N (the last N blocks, the final norm and the head); the others "
+        "get no optimizer slots. Default: all (with --lora-rank: the adapters and the head)")
+    layer_decay: float = options.option(
+        None, "layer-wise learning-rate decay in (0, 1], e.g. 0.75: the learning rate x decay^(L - i) for block "
+        "i, the embeddings deepest, the head x 1 (BEiT/MAE)")
+    lora_rank: int = options.option(
+        None, "LoRA adapters of this rank on the attention and MLP layers (with the head, all that trains); "
+        "model.keras and the exports hold them folded into the kernels")
+    lora_alpha: float = options.option(None, "LoRA scale numerator; default: the rank")
+    input_channels: int = options.option(
+        None, "1: grey images (a checkpoint's first convolution summed over RGB; image files read as grey); "
+        "default: the model's (3 for a new one)")
+
+    def __post_init__(self):
+        if self.strategy is None:  # the spelling of "default" before 0.3
+            object.__setattr__(self, "strategy", "default")
+
+
+if TrainConfig.__doc__:  # None under python -OO
+    TrainConfig.__doc__ += "\n" + textwrap.indent(options.fields_doc(TrainConfig), "    ") + "\n"
+
+
+def validate(config):
+    """ValueError (one line) for a `TrainConfig` that cannot train, before anything is read or written.
+
+    Each field's own check (`options.check`: the same for `vit-keras train`'s
+    flags), then the checks of fields together.
+    """
+    options.check(config)
+    c = config
+    finetune.check_arguments(c.trainable, c.layer_decay, c.lora_rank, c.lora_alpha, c.input_channels,
+                             num_layers=loader.num_layers(c.model), image_files=True)
+    if loader.kind(c.model) == "keras":
+        given = [f"--{name.replace('_', '-')}" for name in ("weights", "dropout") if getattr(c, name) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} cannot apply to {c.model}: a .keras model keeps its "
+                             "weights and dropout (leave them out, or start from a builder name).")
 
 
 # `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64.
@@ -479,48 +526,18 @@ def train(config=None, **overrides):
     `out`, and finishes with the same number of steps.
 
     Takes a `TrainConfig` and/or its fields as keywords (keywords win):
-    `train(model="vit_r50_b16", dataset="cifar10", ...)`.
+    `train(model="vit_r50_b16", dataset="cifar10", ...)`. The fields are
+    listed in `TrainConfig`'s docstring and by `vit-keras train --help`.
 
-    Fields:
-        model: str or dict. A builder name (`vit_r50_b16`), a small config
-            (`vit_hybrid_tiny`), a `.keras` file, or `build_model` arguments.
-        dataset: str. `digits`, a folder of class folders, or a TFDS name.
-        weights: str or None. A checkpoint to start from: a preset name
-            (`imagenet21k`), a path or URL of an `.npz` file. The head is
-            replaced when the class count differs (and a `pre_logits` layer
-            dropped, as the original's fine-tuning does).
-        dropout: float or None. None keeps the model's original config
-            (0.1 for `vit_r50_b16`, 0.0 for `vit_b16`, ...).
-        precision: str. `float32`, `mixed_bfloat16` or `mixed_float16`.
-        strategy: str or None. None, `mirrored`, `multi_worker` or `tpu`
-            (`tf.distribute`); on JAX `mirrored` and `tpu` are
-            `keras.distribution.DataParallel` over all local devices, and
-            PyTorch takes None only.
-        jit_compile: bool. Compile the train step with XLA (`torch.compile`
-            on PyTorch). JAX always compiles it.
-        overwrite: bool. Whether to start over in an `out` that holds a finished
-            run (its `model.keras` or `metrics.json`); without it that raises
-            `FileExistsError`. Its files are replaced as the new run writes
-            its own; `log.csv` and `logs/` are appended to. An unfinished run (one with a backup) always resumes.
-        remat: bool. Recompute each encoder block (and ResNet stage) in the
-            backward pass: less memory, same gradients.
-        trainable: str or None. `all`, `head` (a linear probe) or `blocks:N`
-            (the last N blocks, the final norm and the head); the others get
-            no optimizer slots. None: all (with `lora_rank`: the adapters and
-            the head).
-        layer_decay: float or None. Learning rate x decay^(L - i) for block
-            i, the embeddings deepest, the head x 1 (BEiT/MAE).
-        lora_rank, lora_alpha: int, float or None. LoRA adapters on the
-            attention and MLP projections; `model.keras` and the exports hold
-            them folded into the kernels. alpha None: the rank.
-        input_channels: int or None. 1 trains a grey model (a checkpoint's
-            first convolution summed over RGB; image files read as grey).
-            None: the model's (3 for a new one).
-        Other arguments: see `vit-keras train --help`.
+    The run, in steps (each a function of the config and what the steps before
+    it made): `validate`, `_place` (strategy and folder), `_data` (dataset
+    and step counts), then under the lock of the output folder `_model`,
+    `_compile`, `_fit` (resuming a backup) and `_finish` (test metrics,
+    `model.keras`, `metrics.json`).
 
     Raises:
-        ValueError: a non-positive epoch count, batch size, image size or
-            gradient accumulation, and other arguments or data that cannot train.
+        ValueError: a field that cannot be (`validate`), and data that cannot
+            train.
         FileExistsError: `out` holds a finished run and `overwrite` is False.
         TrainingDiverged: (a `ValueError` and `FloatingPointError`) the loss or
             the weights became NaN or infinite; neither `model.keras` nor the
@@ -530,64 +547,78 @@ def train(config=None, **overrides):
         `Result(metrics, model)`: the metrics dict that is also written to
         `out/metrics.json`, and the trained model.
     """
-    config = dataclasses.replace(config or TrainConfig(), **overrides)
-    return _run(config)
+    c = dataclasses.replace(config or TrainConfig(), **overrides)
+    validate(c)
+    run = _place(c)
+    _data(c, run)
+    with _writing(c, run):
+        _model(c, run)
+        _compile(c, run)
+        _fit(c, run)
+        return _finish(c, run)
 
 
 # In `out`: held (flock) by the process training there; another one is refused.
 LOCK_FILE = ".lock"
 
 
-def _run(c):
-    """One run of `train` for the `TrainConfig` `c`, in named steps: validate, place, data, then
-    under the lock of the output folder: model, fit, finish."""
-    _validate(c)
-    keras.utils.set_random_seed(c.seed)
-    dist, out_dir = _place(c)
-    if _finished_run(out_dir) and not c.overwrite:
-        raise _finished_error(c.out, out_dir)
-    splits = data_lib.load(c.dataset, data_dir=c.data_dir, download=c.download)
-    files.output_folder(out_dir)
-    with files.FolderLock(os.path.join(out_dir, LOCK_FILE), f"the output folder {c.out}"):
-        finished = _finished_run(out_dir)  # again, now that no other run writes there
-        if finished and not c.overwrite:
-            raise _finished_error(c.out, out_dir)
-        try:
-            return _fit(c, dist, out_dir, splits, finished)
-        except (OSError, files.OutputError) as e:  # a full disk, a file-size limit: one line, backup kept
-            state = os.path.join(out_dir, "backup", "state.json")
-            kept = (f" The last backup ({state}) is kept: run again with the same settings to resume."
-                    if os.path.exists(state) else "")
-            error = e if isinstance(e, files.OutputError) else files.write_error(e, out_dir)
-            raise files.OutputError(f"{str(error).rstrip('.')}.{kept}") from None
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one `train` run hand on to the next; each step fills its part."""
 
-
-def _validate(c):
-    """ValueError for settings that cannot train, before anything is read or written."""
-    if c.precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {c.precision!r}; use one of {PRECISIONS}.")
-    if c.optimizer not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {c.optimizer!r}; use one of {OPTIMIZERS}.")
-    _check_arguments(c.epochs, c.batch_size, c.image_size, c.grad_accum, c.backup_every, c.warmup_steps,
-                     c.learning_rate, c.crop_area)
-    _check_numbers(c)
-    finetune.check_arguments(c.trainable, c.layer_decay, c.lora_rank, c.lora_alpha, c.input_channels,
-                             num_layers=_num_layers(c.model), image_files=True)
-    if isinstance(c.model, str) and c.model.endswith(".keras"):
-        given = [f"--{name.replace('_', '-')}" for name in ("weights", "dropout") if getattr(c, name) is not None]
-        if given:
-            raise ValueError(f"{' and '.join(given)} cannot apply to {c.model}: a .keras model keeps its "
-                             "weights and dropout (leave them out, or start from a builder name).")
+    dist: object = None  # _place: the strategy (tf.distribute) or `distribute.KerasDistribution`
+    out_dir: str = None  # _place: `out` on the chief, a folder of its own on another worker
+    splits: object = None  # _data
+    steps_per_epoch: int = None  # _data
+    total_steps: int = None  # _data
+    finished: list = None  # _writing: the files of a finished run in `out_dir` (replaced under overwrite)
+    backup: ResumableBackup = None  # _writing
+    net: keras.Model = None  # _model
+    counts: dict = None  # _model: trainable and total parameters
+    test_ds: object = None  # _fit: the test batches, for _finish
+    resumed_from: int = 0  # _fit
 
 
 def _place(c):
-    """The distribution strategy and the folder this process writes to (only the chief writes to `out`)."""
+    """The seed, the distribution strategy and the folder this process writes to (only the chief writes to `out`)."""
+    keras.utils.set_random_seed(c.seed)
     dist = distribute.get_strategy(c.strategy)
     if isinstance(dist, distribute.KerasDistribution) and c.batch_size % dist.num_replicas_in_sync:
         raise ValueError(f"batch_size {c.batch_size} is not divisible by the {dist.num_replicas_in_sync} "
                          f"replicas of strategy {c.strategy!r}.")
     out_dir = c.out if distribute.is_chief(dist) else os.path.join(c.out, f".worker-{distribute.task_id()}")
-    return dist, out_dir
+    if _finished_run(out_dir) and not c.overwrite:
+        raise _finished_error(c.out, out_dir)
+    return _Run(dist=dist, out_dir=out_dir)
+
+
+def _data(c, run):
+    """The dataset's splits and the step counts (nothing is written yet)."""
+    run.splits = data_lib.load(c.dataset, data_dir=c.data_dir, download=c.download)
+    run.steps_per_epoch = run.splits.num_train // c.batch_size
+    if run.steps_per_epoch < 1:
+        raise ValueError(f"batch_size {c.batch_size} exceeds the {run.splits.num_train} training images.")
+    run.total_steps = c.epochs * run.steps_per_epoch
+
+
+@contextlib.contextmanager
+def _writing(c, run):
+    """The output folder, locked; the backup to resume checked against the settings; write errors in one line."""
+    files.output_folder(run.out_dir)
+    with files.FolderLock(os.path.join(run.out_dir, LOCK_FILE), f"the output folder {c.out}"):
+        run.finished = _finished_run(run.out_dir)  # again, now that no other run writes there
+        if run.finished and not c.overwrite:
+            raise _finished_error(c.out, run.out_dir)
+        try:
+            run.backup = ResumableBackup(os.path.join(run.out_dir, "backup"), 1, run_settings(c, run.splits))
+            check_resume(run.backup, run.backup.settings, c.out, c.overwrite)  # before any model is built
+            yield run
+        except (OSError, files.OutputError) as e:  # a full disk, a file-size limit: one line, backup kept
+            state = os.path.join(run.out_dir, "backup", "state.json")
+            kept = (f" The last backup ({state}) is kept: run again with the same settings to resume."
+                    if os.path.exists(state) else "")
+            error = e if isinstance(e, files.OutputError) else files.write_error(e, run.out_dir)
+            raise files.OutputError(f"{str(error).rstrip('.')}.{kept}") from None
 
 
 def _finished_error(out, out_dir):
@@ -595,53 +626,56 @@ def _finished_error(out, out_dir):
                            "--overwrite (overwrite=True) to train again there, or choose another output folder.")
 
 
-def _compiled_model(c, dist, splits, total_steps, jit_compile):
-    """The model to train (`_model_from`), compiled with the recipe's optimizer, loss and metrics."""
-    num_classes = len(splits.class_names)
-    warmup_steps = c.warmup_steps if c.warmup_steps is not None else max(1, total_steps // 20)
+@contextlib.contextmanager
+def _building(c, run):
+    """Variables are made in the run's precision and under its strategy."""
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(c.precision)
     try:
-        with dist.scope():
-            net = _model_from(c.model, num_classes, splits.class_names, c.image_size, c.weights, c.dropout,
-                              c.checkpoint_prefix, c.input_channels)
-            net = finetune.prepare(net, remat=c.remat, trainable=c.trainable, lora_rank=c.lora_rank,
-                                   lora_alpha=c.lora_alpha)
-            opt = make_optimizer(c.optimizer, c.learning_rate, total_steps, warmup_steps, c.weight_decay,
-                                 c.grad_accum, c.clipnorm)
-            if c.layer_decay is not None:
-                opt = finetune.layer_decay_optimizer(opt, c.layer_decay, finetune.encoder(net).num_layers)
-            net.compile(
-                optimizer=opt,
-                loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=c.label_smoothing),
-                metrics=[
-                    keras.metrics.CategoricalAccuracy(name="top1"),
-                    keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
-                ],
-                jit_compile=jit_compile,
-            )
+        with run.dist.scope():
+            yield
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    return net
 
 
-def _fit(c, dist, out_dir, splits, finished):
-    """Model, pipelines, `fit` (resuming a backup), test evaluation and the finished files."""
-    backend = keras.backend.backend()
-    jit_compile = True if backend == "jax" else c.jit_compile  # JAX without jit runs op by op
-    backup = ResumableBackup(os.path.join(out_dir, "backup"), 1, run_settings(c, splits))
-    check_resume(backup, backup.settings, c.out, c.overwrite)  # before any model is built
-    num_classes = len(splits.class_names)
-    steps_per_epoch = splits.num_train // c.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {c.batch_size} exceeds the {splits.num_train} training images.")
-    total_steps = c.epochs * steps_per_epoch
-    net = _compiled_model(c, dist, splits, total_steps, jit_compile)
-    size = net.input_shape[1:3]
-    counts = finetune.param_counts(net)
-    logger.info("Training %s: %d of %d parameters trainable (%.2f%%).", net.name, counts["trainable_params"],
+def _model(c, run):
+    """The model to train (`_model_from`), prepared for fine-tuning (remat, trainable, LoRA)."""
+    with _building(c, run):
+        net = _model_from(c.model, len(run.splits.class_names), run.splits.class_names, c.image_size, c.weights,
+                          c.dropout, c.checkpoint_prefix, c.input_channels)
+        run.net = finetune.prepare(net, remat=c.remat, trainable=c.trainable, lora_rank=c.lora_rank,
+                                   lora_alpha=c.lora_alpha)
+    run.counts = counts = finetune.param_counts(run.net)
+    logger.info("Training %s: %d of %d parameters trainable (%.2f%%).", run.net.name, counts["trainable_params"],
                 counts["total_params"], 100 * counts["trainable_params"] / max(counts["total_params"], 1))
-    pipe = dict(image_size=size, num_classes=num_classes, batch_size=c.batch_size, seed=c.seed)
+
+
+def _compile(c, run):
+    """The recipe's optimizer (`make_optimizer`, layer decay), loss and metrics."""
+    num_classes = len(run.splits.class_names)
+    warmup_steps = c.warmup_steps if c.warmup_steps is not None else max(1, run.total_steps // 20)
+    jit_compile = True if keras.backend.backend() == "jax" else c.jit_compile  # JAX without jit runs op by op
+    with _building(c, run):
+        opt = make_optimizer(c.optimizer, c.learning_rate, run.total_steps, warmup_steps, c.weight_decay,
+                             c.grad_accum, c.clipnorm)
+        if c.layer_decay is not None:
+            opt = finetune.layer_decay_optimizer(opt, c.layer_decay, finetune.encoder(run.net).num_layers)
+        run.net.compile(
+            optimizer=opt,
+            loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=c.label_smoothing),
+            metrics=[
+                keras.metrics.CategoricalAccuracy(name="top1"),
+                keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5"),
+            ],
+            jit_compile=jit_compile,
+        )
+
+
+def _pipelines(c, run):
+    """Train, validation and test batches at the model's size and channel count."""
+    splits = run.splits
+    pipe = dict(image_size=run.net.input_shape[1:3], num_classes=len(splits.class_names), batch_size=c.batch_size,
+                seed=c.seed)
     train_ds = data_lib.make_pipeline(
         splits.train, training=True, repeat=True, flip=splits.flip,
         crop_area=c.crop_area or splits.crop_area, randaugment=c.randaugment, mixup=c.mixup,
@@ -649,34 +683,44 @@ def _fit(c, dist, out_dir, splits, finished):
     )
     val_ds = data_lib.make_pipeline(splits.validation, **pipe)
     test_ds = data_lib.make_pipeline(splits.test, **pipe)
-    channels = net.input_shape[-1]
-    train_ds, val_ds, test_ds = (reshape.channel_batches(ds, channels) for ds in (train_ds, val_ds, test_ds))
+    channels = run.net.input_shape[-1]
+    return tuple(reshape.channel_batches(ds, channels) for ds in (train_ds, val_ds, test_ds))
 
-    backup.every = c.backup_every or steps_per_epoch
-    resumed_from = step = backup.restore(net)[0]
-    if step:
-        finetune.restart_adapters(net)
-        logger.warning("Resuming %s at step %d of %d.", c.out, step, total_steps)
-    elif finished:
-        logger.warning("Training again in %s (overwrite): its finished run's files are replaced "
-                       "as this run writes its own.", c.out)
+
+def _callbacks(c, run):
     callbacks = [
-        StopOnNaN(backup, c.learning_rate),  # first: it checks before anything is written
-        backup,
-        BestAndLast(out_dir, run=backup.run),
+        StopOnNaN(run.backup, c.learning_rate),  # first: it checks before anything is written
+        run.backup,
+        BestAndLast(run.out_dir, run=run.backup.run),
         # Appended to, also under --overwrite: a rerun that fails must not have cleared the old log.
-        keras.callbacks.CSVLogger(os.path.join(out_dir, "log.csv"), append=True),
+        keras.callbacks.CSVLogger(os.path.join(run.out_dir, "log.csv"), append=True),
     ]
     if _have_tensorflow():  # Keras's TensorBoard callback writes with tf.summary, on any backend
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs"), write_graph=False))
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(run.out_dir, "logs"), write_graph=False))
     else:
         logger.info("No TensorFlow: no TensorBoard logs (log.csv has the metrics).")
+    return callbacks
+
+
+def _fit(c, run):
+    """`model.fit` to the last step, resuming the backup where there is one; the test split kept for `_finish`."""
+    train_ds, val_ds, run.test_ds = _pipelines(c, run)
+    backup, net, steps_per_epoch = run.backup, run.net, run.steps_per_epoch
+    backup.every = c.backup_every or steps_per_epoch
+    run.resumed_from = step = backup.restore(net)[0]
+    if step:
+        finetune.restart_adapters(net)
+        logger.warning("Resuming %s at step %d of %d.", c.out, step, run.total_steps)
+    elif run.finished:
+        logger.warning("Training again in %s (overwrite): its finished run's files are replaced "
+                       "as this run writes its own.", c.out)
     epoch, done_in_epoch = divmod(step, steps_per_epoch)
     verbose = c.verbose
     if verbose == "auto":  # one line per epoch where no terminal redraws the bar
         verbose = 1 if sys.stdout.isatty() else 2
-    fit = dict(validation_data=val_ds, callbacks=callbacks, verbose=verbose, shuffle=False)  # the pipeline shuffles
-    with distribute.run_scope(dist):
+    fit = dict(validation_data=val_ds, callbacks=_callbacks(c, run), verbose=verbose,
+               shuffle=False)  # the pipeline shuffles
+    with distribute.run_scope(run.dist):
         if done_in_epoch:  # finish the interrupted epoch, then the rest
             net.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1,
                     steps_per_epoch=steps_per_epoch - done_in_epoch, **fit)
@@ -686,7 +730,13 @@ def _fit(c, dist, out_dir, splits, finished):
         if not _finite(net):  # e.g. a resumed run with nothing left to train
             raise StopOnNaN(backup, c.learning_rate).error("the weights are no longer finite numbers",
                                                            step=backup.step)
-        results = net.evaluate(test_ds, return_dict=True, verbose=0)
+
+
+def _finish(c, run):
+    """Test metrics, then `model.keras` and `metrics.json`; the backup goes (nothing is left to resume)."""
+    net, backup = run.net, run.backup
+    with distribute.run_scope(run.dist):
+        results = net.evaluate(run.test_ds, return_dict=True, verbose=0)
     wall = backup.elapsed + time.time() - backup.started
     metrics = {
         "test_top1": float(results["top1"]),
@@ -694,20 +744,21 @@ def _fit(c, dist, out_dir, splits, finished):
         "test_loss": float(results["loss"]),
         "epochs": c.epochs,
         "steps": backup.step,
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": run.resumed_from,
         "wall_seconds": round(wall, 2),
         "model": c.model if isinstance(c.model, str) else "custom",
         "dataset": c.dataset,
-        "image_size": list(size),
+        "image_size": list(net.input_shape[1:3]),
         "batch_size": c.batch_size,
         "precision": c.precision,
-        "strategy": c.strategy or "default",
-        "backend": backend,
-        "replicas": dist.num_replicas_in_sync,
-        "class_names": splits.class_names,
-        **counts,
+        "strategy": c.strategy,
+        "backend": keras.backend.backend(),
+        "replicas": run.dist.num_replicas_in_sync,
+        "class_names": run.splits.class_names,
+        **run.counts,
     }
-    atomic_save(net, os.path.join(out_dir, "model.keras"))
-    atomic_write_json(metrics, os.path.join(out_dir, "metrics.json"))
+    atomic_save(net, os.path.join(run.out_dir, "model.keras"))
+    atomic_write_json(metrics, os.path.join(run.out_dir, "metrics.json"))
     shutil.rmtree(backup.directory, ignore_errors=True)  # finished: nothing left to resume
     return Result(metrics, net)
+
