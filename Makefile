@@ -19,13 +19,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vit-keras demo --out runs/demo
 
-# Everything (CI runs this): the linter, then the whole suite.
+# Everything (CI runs this): the linter, then the whole suite in $(JOBS) processes (pytest-xdist; one module, or
+# the modules sharing the demo training, per unit of work: tests/conftest.py).
+JOBS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
 # The fast lane: the linter and the tests not marked slow (no training, export or subprocess).
 check: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

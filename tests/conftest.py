@@ -31,10 +31,18 @@ SLOW_MODULES = {
 }
 
 
+# `make test` runs the suite in two processes (pytest-xdist, `--dist loadgroup`): each module is one unit of work,
+# so its module-scoped fixtures (trained models, exports) are made once; the modules that share the session's
+# demo training (`demo_run`, ~4 minutes) go to one process together, so it trains once.
+DEMO_MODULES = {"test_export", "test_visualize"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.stem in SLOW_MODULES:
+        stem = item.path.stem
+        if stem in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group("demo" if stem in DEMO_MODULES else str(item.path)))
 
 
 class Case:
