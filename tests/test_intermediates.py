@@ -1,4 +1,4 @@
-"""The layers' one path with intermediates, and what is built on it, against Google's originals (tests/fixtures/vit_jax).
+"""The layers' one path with intermediates and what is built on it, against Google's originals (vit_jax).
 
 `Encoder`, `Embeddings` and `ResNet` give every step's output with
 `return_intermediates=True`; `attention_model` and `features_model` both take
