@@ -425,3 +425,32 @@ def test_int8_input_takes_pixels_as_they_are(tiny_model):
     interpreter = Interpreter(model_content=blob)
     details = interpreter.get_input_details()[0]
     assert details["dtype"] == np.uint8 and details["quantization"] == (1.0, 0)
+
+
+def test_an_export_prepares_its_model_once(tmp_path, monkeypatch):
+    """Issue 21: the TFLite export made a float32 copy for the files and another for the parity table."""
+    import keras
+
+    import vit_keras
+    from vit_keras import model as vit_model
+    from vit_keras import serving
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = vit_keras.build_model(32, 16, num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64, classes=3)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    head = mixed.get_layer("head")
+    head.kernel.assign(np.random.default_rng(0).normal(0, 0.5, head.kernel.shape).astype("float32"))
+    copies = []
+    copy_model = vit_model.copy_model
+    monkeypatch.setattr(vit_model, "copy_model", lambda *a, **kw: copies.append(copy_model(*a, **kw)) or copies[-1])
+    result = serving.export(mixed, "tflite", str(tmp_path / "lite"), dataset="digits", variants=["float32"],
+                            calibration=1, parity=20)
+    assert len(copies) == 1  # float32 once, for the conversion and the parity table alike
+    (row,) = result["rows"]
+    assert row["variant"] == "float32" and row["max_abs_diff"] < 1e-4 and row["top1_agreement"] == 1.0
+    # The parity table's Keras side is the float32 copy itself: independent figures from it agree.
+    images, _ = data.pixels(data.load("digits").test, (32, 32), 20)
+    expected = reference_probabilities(copies[0], images)
+    assert float(np.abs(export.tflite_predict(result["files"]["float32"], images) - expected).max()) < 1e-4

@@ -15,7 +15,6 @@ import pytest
 
 import vit_keras
 from vit_keras import cli, data, files, serving
-from vit_keras.serving import folders
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -165,7 +164,7 @@ def test_an_export_that_appeared_meanwhile_is_not_replaced(tmp_path):
     mine.mkdir()
     (mine / "saved_model.pb").write_text("mine")
     with pytest.raises(FileExistsError, match="appeared while this export ran"):
-        folders._publish(str(mine), str(final), overwrite=False, keep=())
+        files.publish_folder(str(mine), str(final), overwrite=False, keep=())
     assert theirs.read_text() == "theirs"
 
 

@@ -15,7 +15,8 @@ onnx = pytest.importorskip("onnx")
 from vit_keras import model as vit_model  # noqa: E402
 from vit_keras.predict import probabilities  # noqa: E402
 from vit_keras.serving import onnx as vit_onnx  # noqa: E402
-from vit_keras.serving.folders import MANIFEST  # noqa: E402
+from vit_keras.serving import prepare as vit_prepare  # noqa: E402
+from vit_keras.files import MANIFEST  # noqa: E402
 
 
 def pixels(model, batch, seed=0):
@@ -58,7 +59,7 @@ def r50_export(r50, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("onnx") / "r50"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vit_onnx, "fold_weight_standardization", fold)
+        mp.setattr(vit_prepare, "fold_weight_standardization", fold)
         path = vit_onnx.export_onnx(r50, str(out))
     assert folded == [r50]  # float32 already: the model itself, then folded
     return path

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from vit_keras import console, data, files, options, presets, serving, sizes, training, visualize
-from vit_keras.serving.folders import _check_name_and_version
+from vit_keras.files import check_name_and_version
 
 
 def _integer(text, least):
@@ -42,7 +42,7 @@ def _size(text):
 def _plain_name(text):
     """argparse type of --name: a folder name, not a path."""
     try:
-        _check_name_and_version(text, 1)
+        check_name_and_version(text, 1)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text

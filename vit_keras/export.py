@@ -8,7 +8,7 @@ from vit_keras.predict import (  # noqa: F401
     label_names,
     probabilities,
 )
-from vit_keras.serving.folders import MANIFEST, _check_name_and_version  # noqa: F401
+from vit_keras.files import MANIFEST, check_name_and_version  # noqa: F401
 from vit_keras.serving.images import MAX_GIF_STEPS, MAX_PIXELS, checked_pixels, decode_images  # noqa: F401
 from vit_keras.serving.onnx import export_onnx, onnx_predict, onnx_session  # noqa: F401
 from vit_keras.serving.saved_model import export_saved_model  # noqa: F401
@@ -24,3 +24,5 @@ from vit_keras.serving.tflite import (  # noqa: F401
     tflite_rollout,
 )
 from vit_keras.serving.warmup import warmup_request  # noqa: F401
+
+_check_name_and_version = check_name_and_version  # its name here before it became public in `files`

@@ -10,6 +10,7 @@ import numbers
 import keras
 from keras import ops
 
+from vit_keras.layers import WithIntermediates
 from vit_keras.model import find_encoder
 
 
@@ -62,25 +63,17 @@ def features_model(model, blocks=()):
     if bad:
         raise ValueError(f"blocks {bad} out of range: the encoder has blocks 0..{encoder.num_layers - 1}.")
     images = keras.Input(model.input_shape[1:], name="image")
-    outputs = {}
-    x = images
-    if embeddings.resnet_layers is not None:
-        resnet = embeddings.resnet
-        x = outputs["root"] = resnet.root(images, pooled=False)
-        x = ops.max_pool(x, 3, strides=2, padding="same")
-        for s, stage in enumerate(resnet.stages, start=1):
-            x = outputs[f"stage{s}"] = stage(x)
-    grid = embeddings.embedding(x)
-    rows, cols = grid.shape[1:3]
-    tokens = embeddings.tokens(grid)
+    # The layers' one path with intermediates: the ResNet's maps, then every block's tokens.
+    tokens, outputs = WithIntermediates(embeddings)(images)
+    encoded, out = WithIntermediates(encoder)(tokens, return_weights=False)
+    rows, cols = embeddings.grid_size(model.input_shape[1:3])
     prefix = int(embeddings.class_token)
 
     def as_grid(t):
         return ops.reshape(t[:, prefix:], (-1, rows, cols, t.shape[-1]))
 
-    for i, block in enumerate(encoder.blocks):
-        tokens = block(tokens, return_weights=False)
-        if i in blocks:
-            outputs[f"encoderblock_{i}"] = as_grid(tokens)
-    outputs["encoder"] = as_grid(encoder.encoder_norm(tokens))
+    outputs = dict(outputs)
+    for i in blocks:
+        outputs[f"encoderblock_{i}"] = as_grid(out["blocks"][i])
+    outputs["encoder"] = as_grid(encoded)
     return keras.Model(images, outputs, name=f"{model.name}_features")

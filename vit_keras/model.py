@@ -6,7 +6,7 @@ import os
 import keras
 import numpy as np
 
-from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
+from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead, WithIntermediates
 from vit_keras.layers.std_conv import standardize_kernel
 from vit_keras.presets import ViTConfig, check_architecture
 from vit_keras.sizes import height_width
@@ -252,9 +252,10 @@ def attention_model(model, map_head=False):
     With `map_head=True` (a `classifier="map"` model) a third output is the
     MAP head's probe attention `[batch, heads, 1, tokens]`.
     The model's own encoder runs its attention fused, without weights; here
-    the same layers run again on new inputs with the blocks asked for them.
-    (A model saved before the fused attention has the weights in its graph
-    already, and they are taken from there.)
+    the same layers run again on new inputs, the encoder through its one
+    path with intermediates (`Encoder(..., return_intermediates=True)`, in a
+    `WithIntermediates` layer) asked for the weights. The result saves and
+    reloads as a `.keras` file.
 
     Args:
         model: keras.Model. A model from this package's builders (fine-tuned
@@ -271,30 +272,23 @@ def attention_model(model, map_head=False):
     heads = [layer for layer in model.layers if isinstance(layer, MAPHead)]
     if map_head and len(heads) != 1:
         raise ValueError(f"map_head=True: model {model.name!r} has no MAP head (classifier='map').")
-    if isinstance(encoder.output, (list, tuple)) and not map_head:
-        # Keras keeps a layer's outputs flattened: the tokens, then block 0..L-1's weights.
-        _, *weights = encoder.output
-        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
-        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-        return keras.Model(inputs, (outputs, weights), name=f"{model.name}_attention")
+    with_weights = WithIntermediates(encoder)
     weights, pooled = [], []
 
     def call(layer, *args, **kwargs):
+        if layer is encoder:
+            x, out = with_weights(args[0], training=kwargs.get("training"), return_weights=True)
+            weights.extend(out["weights"])
+            # What the model's graph takes from its encoder: the tokens (and the weights in a model
+            # saved before the fused attention, whose encoder returned them).
+            return (x, out["weights"]) if kwargs.get("return_weights", True) else x
         if map_head and layer is heads[0]:
             y, w = layer(*args, **kwargs)  # called with return_weights=True by build_model
             pooled.append(w)
             return y, w
-        if layer is not encoder:
-            return layer(*args, **kwargs)
-        # The encoder's blocks one by one (Keras checks a graph against each layer's first call,
-        # so the encoder itself cannot be called again with other outputs).
-        x, training = args[0], kwargs.get("training")
-        for block in encoder.blocks:
-            x, w = block(x, training=training, return_weights=True)
-            weights.append(w)
-        return encoder.encoder_norm(x)
+        return layer(*args, **kwargs)
 
-    # The same layers (no copies) called on new inputs; the encoder through its blocks.
+    # The same layers (no copies) called on new inputs; the encoder with its intermediates.
     graph = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
     if len(weights) != encoder.num_layers:
         raise ValueError(f"The encoder of model {model.name!r} is not on the path from its inputs to its outputs.")

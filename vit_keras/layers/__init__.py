@@ -10,6 +10,7 @@ from vit_keras.layers.embeddings import Embeddings
 from vit_keras.layers.encoder import Encoder
 from vit_keras.layers.group_norm import GroupNorm
 from vit_keras.layers.head import ClassifierHead
+from vit_keras.layers.intermediates import WithIntermediates
 from vit_keras.layers.map_head import MAPHead
 from vit_keras.layers.mlp import Mlp
 from vit_keras.layers.pooling import ExtractToken
@@ -30,4 +31,5 @@ __all__ = [
     "ResNetStage",
     "ResNetUnit",
     "StdConv2D",
+    "WithIntermediates",
 ]

@@ -67,6 +67,13 @@ class Embeddings(keras.layers.Layer):
             `Encoder`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
+    Call arguments:
+        images: tensor `[batch, H, W, C]`.
+        training: bool or None. Dropout on. Defaults to None.
+        return_intermediates: bool. Return `(tokens, intermediates)`: the
+            ResNet's maps by name (see `ResNet`; empty for the plain ViT).
+            Defaults to False.
+
     Example:
     >>> emb = Embeddings(hidden_size=32, patch_size=16)
     >>> tuple(emb(keras.ops.ones((2, 32, 48, 3))).shape)
@@ -168,14 +175,17 @@ class Embeddings(keras.layers.Layer):
         x = images if self.resnet_layers is None else self.resnet(images)
         return self.embedding(x)
 
-    def call(self, images, training=None):
-        return self.tokens(self.patch_grid(images), training=training)
+    def call(self, images, training=None, return_intermediates=False):
+        x, out = images, {}
+        if self.resnet_layers is not None:
+            x, out = self.resnet(images, return_intermediates=True)
+        tokens = self.tokens(self.embedding(x), training=training)
+        return (tokens, out) if return_intermediates else tokens
 
     def tokens(self, grid, training=None):
         """Patch-embedding grid `[batch, rows, cols, hidden]` -> tokens: class token, positions, dropout.
 
-        Written with no batch size, so that it also runs on symbolic inputs
-        (`vit_keras.features_model` calls it in a functional graph).
+        Written with no batch size, so that it also runs on symbolic inputs.
         """
         rows, cols = grid.shape[1:3]
         x = ops.reshape(grid, (-1, rows * cols, self.hidden_size))
@@ -191,6 +201,14 @@ class Embeddings(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         gh, gw = self.grid_size(input_shape[1:3])
         return (input_shape[0], int(self.class_token) + gh * gw, self.hidden_size)
+
+    def compute_output_spec(self, images, training=None, return_intermediates=False):
+        tokens = keras.KerasTensor(self.compute_output_shape(images.shape), dtype=self.compute_dtype)
+        if not return_intermediates:
+            return tokens
+        if self.resnet_layers is None:
+            return tokens, {}
+        return tokens, self.resnet.compute_output_spec(images, return_intermediates=True)[1]
 
     def get_config(self):
         config = super().get_config()

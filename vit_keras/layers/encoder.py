@@ -32,17 +32,28 @@ class Encoder(keras.layers.Layer):
             False runs the fused attention (see `Attention`), as the models of
             `build_model` do (`attention_model` gets the weights back).
             Defaults to True.
+        return_intermediates: bool. Return `(tokens, intermediates)`, the
+            dict of what each block gave (as timm's `forward_intermediates`,
+            big_vision's `(x, out)`): `"blocks"`, block 0..L-1's output
+            tokens (before the final LayerNorm), and with `return_weights`
+            `"weights"`, their attention weights. The one path
+            `attention_model` and `features_model` take (through
+            `WithIntermediates`). Defaults to False.
 
     Returns:
         `(tokens [batch, tokens, D], [weights of block 0, ..., L-1])`, each
         weights tensor `[batch, heads, tokens, tokens]` in float32, or
-        `tokens` with `return_weights=False`.
+        `tokens` with `return_weights=False`; `(tokens, intermediates)` with
+        `return_intermediates=True`.
 
     Example:
     >>> enc = Encoder(num_layers=2, num_heads=4, mlp_dim=64)
     >>> x, weights = enc(keras.ops.ones((2, 5, 32)))
     >>> tuple(x.shape), len(weights), tuple(weights[0].shape)
     ((2, 5, 32), 2, (2, 4, 5, 5))
+    >>> x, out = enc(keras.ops.ones((2, 5, 32)), return_weights=False, return_intermediates=True)
+    >>> sorted(out), len(out["blocks"]), tuple(out["blocks"][1].shape)
+    (['blocks'], 2, (2, 5, 32))
     """
 
     def __init__(
@@ -77,9 +88,9 @@ class Encoder(keras.layers.Layer):
         self.encoder_norm.build(input_shape)
         self.built = True
 
-    def call(self, inputs, training=None, return_weights=True):
+    def call(self, inputs, training=None, return_weights=True, return_intermediates=False):
         x = inputs
-        weights = []
+        blocks, weights = [], []
         for block in self.blocks:
             if return_weights:
                 x, w = block(x, training=training)
@@ -88,19 +99,26 @@ class Encoder(keras.layers.Layer):
                 x = remat_call(block, x, training=training, return_weights=False)
             else:
                 x = block(x, training=training, return_weights=False)
+            blocks.append(x)
         x = self.encoder_norm(x)
+        if return_intermediates:
+            return x, ({"blocks": blocks, "weights": weights} if return_weights else {"blocks": blocks})
         return (x, weights) if return_weights else x
 
     def compute_output_shape(self, input_shape):
         b, t, _ = input_shape
         return input_shape, [(b, self.num_heads, t, t)] * self.num_layers
 
-    def compute_output_spec(self, inputs, training=None, return_weights=True):
-        output = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
-        if not return_weights:
-            return output
+    def compute_output_spec(self, inputs, training=None, return_weights=True, return_intermediates=False):
+        def tokens():
+            return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+
         b, t, _ = inputs.shape
-        return output, [keras.KerasTensor((b, self.num_heads, t, t), dtype="float32") for _ in self.blocks]
+        weights = [keras.KerasTensor((b, self.num_heads, t, t), dtype="float32") for _ in range(self.num_layers)]
+        if return_intermediates:
+            blocks = [tokens() for _ in range(self.num_layers)]
+            return tokens(), ({"blocks": blocks, "weights": weights} if return_weights else {"blocks": blocks})
+        return (tokens(), weights) if return_weights else tokens()
 
     def get_config(self):
         config = super().get_config()

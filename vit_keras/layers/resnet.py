@@ -239,12 +239,22 @@ class ResNet(keras.layers.Layer):
             `Encoder`). Defaults to False.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
+    Call arguments:
+        inputs: tensor `[batch, H, W, C]`.
+        return_intermediates: bool. Return `(features, intermediates)`, the
+            dict of each step's map: `"root"` (after `gn_root` and ReLU,
+            before the max-pool: stride 2), then `"stage1"`, `"stage2"`, ...
+            (each stage's output). Defaults to False.
+
     Example:
     >>> resnet = ResNet(block_units=(1, 1), width_factor=0.5)
     >>> tuple(resnet(keras.ops.ones((1, 32, 32, 3))).shape)
     (1, 4, 4, 256)
     >>> [stage.name for stage in resnet.stages]
     ['block1', 'block2']
+    >>> _, out = resnet(keras.ops.ones((1, 32, 32, 3)), return_intermediates=True)
+    >>> {name: tuple(x.shape) for name, x in out.items()}
+    {'root': (1, 16, 16, 32), 'stage1': (1, 8, 8, 128), 'stage2': (1, 4, 4, 256)}
     """
 
     def __init__(self, block_units, width_factor=1, prestandardized=False, ws_epsilon=WS_EPSILON,
@@ -301,16 +311,35 @@ class ResNet(keras.layers.Layer):
         x = ops.relu(self.gn_root(self.conv_root(inputs)))
         return ops.max_pool(x, 3, strides=2, padding="same") if pooled else x
 
-    def call(self, inputs):
-        x = self.root(inputs)
-        for stage in self.stages:
-            x = remat_call(stage, x) if self.remat else stage(x)
-        return x
+    def call(self, inputs, return_intermediates=False):
+        x = self.root(inputs, pooled=False)
+        out = {"root": x}
+        x = ops.max_pool(x, 3, strides=2, padding="same")
+        for s, stage in enumerate(self.stages, start=1):
+            x = out[f"stage{s}"] = remat_call(stage, x) if self.remat else stage(x)
+        return (x, out) if return_intermediates else x
 
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape
         s = self.stride
         return (b, _halved(h, s), _halved(w, s), resnet_channels(self.block_units, self.width_factor))
+
+    def compute_output_spec(self, inputs, return_intermediates=False):
+        def spec(shape):
+            return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+        output = spec(self.compute_output_shape(inputs.shape))
+        if not return_intermediates:
+            return output
+        b, h, w, _ = inputs.shape
+        shape = (b, _halved(h, 2), _halved(w, 2), self.width)
+        out = {"root": spec(shape)}
+        shape = (b, _halved(shape[1], 2), _halved(shape[2], 2), self.width)  # the max-pool
+        for s, stage in enumerate(self.block_units, start=1):
+            stride = stage_stride(s)
+            shape = (b, _halved(shape[1], stride), _halved(shape[2], stride), 4 * stage_width(s, self.width))
+            out[f"stage{s}"] = spec(shape)
+        return output, out
 
     def get_config(self):
         config = super().get_config()

@@ -5,7 +5,9 @@
 - `warmup`: TF Serving's warm-up request file.
 - `tflite`: TFLite files for phones (`export_tflite`) and their parity table.
 - `onnx`: an ONNX file for ONNX Runtime (`export_onnx`).
-- `folders`: atomic export folders and what `overwrite` may replace.
+- `prepare`: the model every export converts, prepared once (`prepare_export_model`).
+
+Each export folder appears only complete (`vit_keras.files.atomic_dir`).
 
 These modules need TensorFlow (the exports are TensorFlow graphs).
 """
@@ -57,12 +59,11 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
         parity table, see `tflite.format_parity`) and `dataset`.
     """
     from vit_keras import files
-    from vit_keras.serving import folders
 
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS}.")
     if format == "saved_model":  # before the model is loaded
-        folders._check_name_and_version(name or "model", version)
+        files.check_name_and_version(name or "model", version)
     keep = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
     if format == "tflite":
         dataset = dataset or recorded_dataset(model)
@@ -77,11 +78,13 @@ def _export(model, format, out, dataset, name, version, variants, overwrite, cal
             strict_int8, keep):
     from vit_keras import data, files, finetune
     from vit_keras.serving import tflite
+    from vit_keras.serving.prepare import prepare_export_model
 
     net = finetune.merge_lora(files.load_keras(model))  # exports hold LoRA adapters folded into the kernels
     if len(net.outputs) != 1:
         raise ValueError(f"{model if keep else net.name} has {len(net.outputs)} outputs; export takes a "
                          "classifier with one (its logits), such as the files `vit-keras train` writes.")
+    net = prepare_export_model(net)  # once: every step below gets this model and copies nothing more
     try:
         if format == "saved_model":
             from vit_keras.serving.saved_model import export_saved_model

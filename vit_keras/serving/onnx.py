@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 
 from vit_keras import console
-from vit_keras.model import float32_copy, fold_weight_standardization
+from vit_keras.files import atomic_dir, check_target
 from vit_keras.predict import BATCH_SIZE, label_names, probabilities
-from vit_keras.serving.folders import _atomic_dir, _check_target
+from vit_keras.serving.prepare import prepare_export_model
 
 ONNX_FILE = "model.onnx"
 # Weights of models whose float32 weights exceed this go into `model.onnx.data` beside the
@@ -164,16 +164,16 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
     The ONNX file (opset `opset`, at least 17) takes `images`, float32
     `[N, H, W, 3]` pixels 0..255 with any N, and gives `probabilities`, float32
     `[N, C]`: the core of the SavedModel's `predict_images`, with
-    `x / 127.5 - 1` and the softmax inside. It is converted from a float32
-    copy of the model with the hybrid's weight standardisation folded into its
-    kernels (`fold_weight_standardization`). Models with over 1.5 GiB of
+    `x / 127.5 - 1` and the softmax inside. It is converted from the model
+    as `prepare_export_model` gives it (float32, the hybrid's weight
+    standardisation folded into its kernels). Models with over 1.5 GiB of
     weights (ViT-H/14) keep them in `model.onnx.data` beside the file (ONNX
     external data; load the file from its folder). The file's metadata holds
     the class names (`class_names`) too. tf2onnx holds several copies of the
     weights while it converts (peak memory: `benchmarks/RESULTS.md`).
 
     The folder appears only complete, with the manifest of every export;
-    `overwrite` replaces only an earlier export (see `_atomic_dir`), never a
+    `overwrite` replaces only an earlier export (see `files.atomic_dir`), never a
     folder holding a path in `keep`. Needs `pip install 'vit_keras[onnx]'`.
 
     Returns:
@@ -181,11 +181,11 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
     """
     _, onnx = _import("tf2onnx", "onnx")
     _check_opset(opset)
-    _check_target(out_dir, overwrite, keep)  # before the slow part
+    check_target(out_dir, overwrite, keep)  # before the slow part
     names = label_names(model, class_names)
-    model = fold_weight_standardization(float32_copy(model))
+    model = prepare_export_model(model)
     height, width = model.input_shape[1:3]
-    with _atomic_dir(out_dir, overwrite, keep) as tmp, console.Progress("ONNX", 3, "phase") as bar:
+    with atomic_dir(out_dir, overwrite, keep) as tmp, console.Progress("ONNX", 3, "phase") as bar:
         external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
         bar.update(0, note="converting with tf2onnx")
         with console.native_output("converting to ONNX"):

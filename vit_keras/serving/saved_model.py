@@ -7,10 +7,11 @@ import keras
 import tensorflow as tf
 
 from vit_keras import console
-from vit_keras.model import attention_model, float32_copy, fold_weight_standardization
+from vit_keras.files import atomic_dir, check_name_and_version, check_target
+from vit_keras.model import attention_model
 from vit_keras.predict import label_names, probabilities
 from vit_keras.preprocessing import preprocess_inputs
-from vit_keras.serving.folders import _atomic_dir, _check_name_and_version, _check_target
+from vit_keras.serving.prepare import prepare_export_model
 from vit_keras.serving.images import MAX_PIXELS, checked_pixels, decode_images
 from vit_keras.serving.warmup import write_warmup
 
@@ -30,7 +31,7 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
     Every signature checks its input inside the graph first (rank and shape,
     finite pixels, the pixel limit of encoded images) and answers a bad request
     with INVALID_ARGUMENT. `overwrite` replaces only an earlier export (see
-    `_atomic_dir`), never a folder holding a path in `keep`.
+    `files.atomic_dir`), never a folder holding a path in `keep`.
 
     Returns:
         The path of the version folder.
@@ -38,10 +39,10 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
     from vit_keras import visualize
 
     name = name or model.name
-    _check_name_and_version(name, version)
+    check_name_and_version(name, version)
     final = os.path.join(out_dir, name, str(version))
-    _check_target(final, overwrite, keep)  # before the slow part
-    model = fold_weight_standardization(float32_copy(model))
+    check_target(final, overwrite, keep)  # before the slow part
+    model = prepare_export_model(model)
     names = label_names(model, class_names)
     k = min(top_k, len(names))
     height, width = model.input_shape[1:3]
@@ -83,7 +84,7 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
         for done, (key, fn) in enumerate(endpoints.items()):
             bar.update(done, note=f"tracing {key}")
             archive.add_endpoint(key, fn)
-        with _atomic_dir(final, overwrite, keep) as tmp:
+        with atomic_dir(final, overwrite, keep) as tmp:
             bar.update(len(endpoints), note="writing")
             archive.write_out(tmp, verbose=False)
             extra = os.path.join(tmp, "assets.extra")

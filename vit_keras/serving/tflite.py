@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from vit_keras import console, files
-from vit_keras.model import attention_model, float32_copy
+from vit_keras.files import atomic_dir, check_target
+from vit_keras.model import attention_model
 from vit_keras.predict import (
     BATCH_SIZE,
     batched_probabilities,
@@ -35,7 +36,7 @@ from vit_keras.predict import (
 )
 from vit_keras.preprocessing import preprocess_inputs
 from vit_keras.serving import TFLITE_VARIANTS  # kept where the CLI reads it without TensorFlow
-from vit_keras.serving.folders import _atomic_dir, _check_target
+from vit_keras.serving.prepare import prepare_export_model
 
 # The variants whose file also has the `attention` signature (float activations).
 ATTENTION_VARIANTS = ("float32", "float16", "dynamic_int8")
@@ -208,7 +209,8 @@ def convert_tflite(model, variant="float32", representative_images=None, attenti
     one image at a time as float32; the op types in `int8_ops` are quantised and the
     others stay float32 (None: every op int8, the strict full-integer file, several
     times slower on CPU).
-    The SavedModel and the converter are released before this returns.
+    The model is converted as `prepare_export_model` gives it. The SavedModel
+    and the converter are released before this returns.
     """
     if variant not in TFLITE_VARIANTS:
         raise ValueError(f"Unknown TFLite variant {variant!r}; use one of {TFLITE_VARIANTS}.")
@@ -217,7 +219,11 @@ def convert_tflite(model, variant="float32", representative_images=None, attenti
     attention = variant in ATTENTION_VARIANTS if attention is None else attention
     if attention and variant == "int8":
         raise ValueError("The int8 file has no attention signature (its calibration covers serving_default).")
-    model = float32_copy(model)
+    return _convert(prepare_export_model(model), variant, representative_images, attention, int8_ops)
+
+
+def _convert(model, variant, representative_images, attention, int8_ops):
+    """`convert_tflite` of a model that `prepare_export_model` gave, its arguments checked."""
     # The converter's MLIR passes and TensorFlow's SavedModel reader write to the C++ stderr.
     with console.native_output(f"converting to TFLite ({variant})"), \
             _saved_model(model, attention) as (directory, keys):
@@ -327,7 +333,7 @@ def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_image
 
     One variant is converted at a time, and each is written and released before
     the next (signatures and `int8_ops`: see `convert_tflite`). `overwrite`
-    replaces only an earlier export (see `_atomic_dir`), never a folder holding
+    replaces only an earlier export (see `files.atomic_dir`), never a folder holding
     a path in `keep`.
     """
     for variant in variants:
@@ -335,16 +341,16 @@ def export_tflite(model, out_dir, variants=TFLITE_VARIANTS, representative_image
             raise ValueError(f"Unknown TFLite variant {variant!r}; use one of {TFLITE_VARIANTS}.")
     if "int8" in variants and representative_images is None:
         raise ValueError("The int8 variant needs representative_images for calibration.")
-    _check_target(out_dir, overwrite, keep)  # before the slow part
+    check_target(out_dir, overwrite, keep)  # before the slow part
     names = label_names(model, class_names)
-    model = float32_copy(model)  # once for all variants
+    model = prepare_export_model(model)  # once for all variants
     written = {}
-    with _atomic_dir(out_dir, overwrite, keep) as tmp, \
+    with atomic_dir(out_dir, overwrite, keep) as tmp, \
             console.Progress("TFLite conversion", len(variants), "variant") as bar:
         for done, variant in enumerate(variants):
             bar.update(done, note=f"at {variant}")
             path = os.path.join(tmp, f"{variant}.tflite")
-            blob = convert_tflite(model, variant, representative_images, int8_ops=int8_ops)
+            blob = _convert(model, variant, representative_images, variant in ATTENTION_VARIANTS, int8_ops)
             with open(path, "wb") as f:
                 f.write(blob)
             del blob
@@ -361,13 +367,14 @@ def parity_table(model, tflite_files, images, labels=None, batch_size=BATCH_SIZE
 
     Keras and every interpreter see `batch_size` images at a time (one
     interpreter per file, reused across batches), so memory does not grow with
-    the number of images.
+    the number of images. Keras runs the model as the files were converted
+    from (`prepare_export_model`; no copy of a model prepared already).
     """
     images = np.asarray(images)
     engines = 1 + len(tflite_files)
     with console.Progress("TFLite parity against Keras", engines * len(images), "image") as bar:
         bar.update(0, note="at keras")
-        copy, parts = float32_copy(model), []
+        copy, parts = prepare_export_model(model), []
         for start in range(0, len(images), batch_size or max(len(images), 1)):
             parts.append(batched_probabilities(copy, images[start:start + (batch_size or len(images))], batch_size))
             bar.add(len(parts[-1]))
