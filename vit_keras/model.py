@@ -410,8 +410,8 @@ def fold_weight_standardization(model):
 
     copy = copy_model(model, prestandardize)
     for conv in _resnet(copy).convs():
-        kernel = np.asarray(conv.kernel, "float32")
-        conv.kernel.assign(np.asarray(standardize_kernel(kernel, conv.ws_epsilon), conv.kernel.dtype))
+        kernel = keras.ops.convert_to_tensor(np.asarray(conv.kernel, "float32"))  # a tensor: NumPy - torch fails
+        conv.kernel.assign(keras.ops.cast(standardize_kernel(kernel, conv.ws_epsilon), conv.kernel.dtype))
     return copy
 
 
