@@ -85,6 +85,19 @@ def test_dtype_reaches_every_layer(dtype, variables, compute):
     assert keras.backend.standardize_dtype(logits.dtype) == "float32"
 
 
+def test_mixed_model_reloads_mixed_and_copies_to_bfloat16(tmp_path):
+    """Nested layers reload in their parent's policy (they took the global one); its copy is bfloat16 throughout."""
+    model = tiny(dtype="mixed_bfloat16")
+    model.save(tmp_path / "mixed.keras")
+    loaded = keras.saving.load_model(tmp_path / "mixed.keras")
+    head = loaded.get_layer("head")
+    assert {layer.dtype_policy.name for layer in every_layer(loaded) if layer is not head} == {"mixed_bfloat16"}
+    copy = vit_keras.inference_copy(loaded)
+    head = copy.get_layer("head")
+    assert {layer.dtype_policy.name for layer in every_layer(copy) if layer is not head} == {"bfloat16"}
+    assert head.dtype_policy.name == "float32" and keras.backend.standardize_dtype(head.kernel.dtype) == "float32"
+
+
 def test_dtype_none_takes_the_global_policy():
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
