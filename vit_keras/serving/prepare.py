@@ -1,10 +1,15 @@
 """The model an export converts, prepared once and passed to every step of the export."""
 
 from vit_keras.model import float32_copy, fold_weight_standardization
+from vit_keras.precision import EXPORT_PRECISIONS, check_dtype, inference_copy
 
 
-def prepare_export_model(model):
+def prepare_export_model(model, precision="float32"):
     """Returns the inference copy that the exports convert: float32, weight standardisation folded.
+
+    With `precision="bfloat16"` (SavedModel) it is `inference_copy(model,
+    "bfloat16")` instead: weights stored once in bfloat16, statistics and
+    softmax in float32, float32 logits.
 
     - float32 throughout (`float32_copy`): TFLite cannot convert bfloat16, and
       the served files take float32 pixels and give float32 probabilities;
@@ -18,6 +23,7 @@ def prepare_export_model(model):
 
     Args:
         model: keras.Model. A model from this package's builders.
+        precision: str. "float32" or "bfloat16". Defaults to "float32".
 
     Example:
     >>> import vit_keras
@@ -26,4 +32,15 @@ def prepare_export_model(model):
     >>> ready is not model, prepare_export_model(ready) is ready
     (True, True)
     """
+    check_dtype(precision, EXPORT_PRECISIONS, "precision")
+    if precision == "bfloat16":
+        return model if _is_bfloat16_copy(model) else inference_copy(model, "bfloat16")
     return fold_weight_standardization(float32_copy(model))
+
+
+def _is_bfloat16_copy(model):
+    """Whether `model` is an `inference_copy` in bfloat16 already (every weight but the head's in bfloat16)."""
+    import keras
+
+    weights = [w for layer in model.layers if layer.name != "head" for w in layer.weights]
+    return bool(weights) and all(keras.backend.standardize_dtype(w.dtype) == "bfloat16" for w in weights)
