@@ -29,15 +29,16 @@ def _level(module):
     return next(i for i, names in enumerate(LEVELS) if top in names)
 
 
-def _module_imports(path):
-    """The vit_keras modules a file imports at module level (not inside functions)."""
+def _module_imports(path, package="vit_keras"):
+    """The modules of `package` a file imports at module level (not inside functions)."""
+    depth = package.count(".") + 1
     found = set()
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vit_keras"):
-            parts = node.module.split(".")[1:]
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
+            parts = node.module.split(".")[depth:]
             found |= {parts[0]} if parts else {alias.name for alias in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vit_keras.")}
+            found |= {a.name.split(".")[depth] for a in node.names if a.name.startswith(package + ".")}
     return found
 
 
@@ -60,12 +61,7 @@ DATA_LEVELS = ["images", "datasets", "numpy_pipeline", "pipeline"]
 
 def _data_imports(path):
     """The `vit_keras.data` submodules a file imports at module level."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vit_keras.data"):
-            parts = node.module.split(".")[2:]
-            found |= {parts[0]} if parts else {alias.name for alias in node.names}
-    return found
+    return _module_imports(path, "vit_keras.data")
 
 
 def test_data_modules_import_only_the_ones_before_them():

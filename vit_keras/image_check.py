@@ -248,21 +248,14 @@ def _check_with_pillow(paths, bar, workers):
     """Decodes with Pillow (the `ImagePipeline`'s decoder) in a thread pool (decoding releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from vit_keras.data.images import decode_file
-
-    def reason(file):
-        try:
-            image = decode_file(file)
-        except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, ...
-            return str(e).splitlines()[0] if str(e) else type(e).__name__
-        return None if image.ndim == 3 and image.size else "decodes to no pixels"
+    from vit_keras.data.images import pillow_reason
 
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
     bad, done = [], 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(paths), 1024):  # bounded: no million pending futures
             chunk = paths[start:start + 1024]
-            for path, why in zip(chunk, pool.map(reason, chunk)):
+            for path, why in zip(chunk, pool.map(pillow_reason, chunk)):
                 done += 1
                 if why is not None:
                     bad.append((path, why))

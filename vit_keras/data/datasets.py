@@ -16,7 +16,7 @@ import os
 import keras
 import numpy as np
 
-from vit_keras.data.images import decode_error, decode_file
+from vit_keras.data.images import decode_error, decode_file, pillow_reason
 from vit_keras.image_check import EXTENSIONS as IMAGE_EXTENSIONS  # .webp too: both decoders read it
 
 # The splits every dataset is given as (`Splits` fields).
@@ -223,16 +223,9 @@ def undecodable_by_pillow(files):
     """`[(file, reason)]` for each file that Pillow (the `ImagePipeline`'s decoder) rejects."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def reason(file):
-        try:
-            image = decode_file(file)
-        except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, ...
-            return str(e).splitlines()[0] if str(e) else type(e).__name__
-        return None if image.ndim == 3 and image.size else "decodes to no pixels"
-
     files = [str(f) for f in files]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = list(pool.map(reason, files))
+        reasons = list(pool.map(pillow_reason, files))
     return [(f, r) for f, r in zip(files, reasons) if r is not None]
 
 def tfds_dataset(name, data_dir=None, download=False):

@@ -33,6 +33,15 @@ def decode_file(path):
         return np.asarray(image.convert("RGB"))
 
 
+def pillow_reason(file):
+    """Why Pillow (the `ImagePipeline`'s decoder) cannot give `file`'s pixels, in one line; None if it can."""
+    try:
+        image = decode_file(file)
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, ...
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None if image.ndim == 3 and image.size else "decodes to no pixels"
+
+
 def read_image(path, max_pixels=MAX_PIXELS):
     """An image file -> uint8 pixels `[H, W, 3]` (first frame); one-line ValueError naming the path.
 
