@@ -12,7 +12,6 @@ assigned then) and `apply`, under a `LoadPolicy`.
 
 import dataclasses
 import logging
-import numbers
 import os
 import re
 import typing
@@ -24,6 +23,7 @@ import numpy as np
 
 from vit_keras import download, presets
 from vit_keras.layers import Embeddings
+from vit_keras.sizes import is_int
 
 logger = logging.getLogger("vit_keras")
 
@@ -414,7 +414,7 @@ class LoadPolicy:
             raise ValueError(f"keep_pre_logits must be True, False or None, got {self.keep_pre_logits!r}.")
         grid = self.checkpoint_grid
         if grid is not None and not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
-                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in grid)):
+                is_int(v) and v > 0 for v in grid)):
             raise ValueError(f"checkpoint_grid must be (rows, cols) of positive integers or None, got {grid!r}.")
         if not isinstance(self.head, presets.HeadPolicy):
             raise ValueError(f"head must be a presets.HeadPolicy, got {self.head!r}.")

@@ -15,10 +15,7 @@ from vit_keras.files import check_name_and_version
 
 
 def _integer(text, least):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = options.parse_int(text)
     if value < least:
         kind = "a positive integer" if least == 1 else f"an integer >= {least}"
         raise argparse.ArgumentTypeError(f"must be {kind}, got {value}")
@@ -30,13 +27,10 @@ def _positive(text):
 
 
 def _size(text):
-    try:
-        size = sizes.parse(text)
-        if not sizes.is_size(size):
-            raise ValueError(f"must be a positive size in pixels, or HEIGHTxWIDTH of them, got {text!r}")
-        return size
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    size = options.parse_size(text)
+    if not sizes.is_size(size):
+        raise argparse.ArgumentTypeError(f"must be a positive size in pixels, or HEIGHTxWIDTH of them, got {text!r}")
+    return size
 
 
 def _plain_name(text):

@@ -5,13 +5,12 @@ the transformer's tokens at stride 16; `features_model` gives them all, by name,
 from one pass that shares the model's weights.
 """
 
-import numbers
-
 import keras
 from keras import ops
 
 from vit_keras.layers import WithIntermediates
 from vit_keras.model import find_encoder
+from vit_keras.sizes import is_int
 
 
 def feature_names(model, blocks=()):
@@ -56,7 +55,7 @@ def features_model(model, blocks=()):
     embeddings = model.get_layer("embeddings")
     encoder = find_encoder(model)
     blocks = [blocks] if isinstance(blocks, (str, bytes)) else list(blocks)
-    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in blocks):
+    if not all(is_int(i) for i in blocks):
         raise ValueError(f"blocks must be block indices (integers), got {blocks!r}.")
     blocks = sorted(set(int(i) for i in blocks))
     bad = [i for i in blocks if not 0 <= i < encoder.num_layers]

@@ -19,14 +19,11 @@ import keras
 import numpy as np
 
 from vit_keras import distribute
+from vit_keras.sizes import is_int
 
 # `trainable`: every weight; the head alone (a linear probe); the last N blocks, the final norm and the head.
 TRAINABLE_HELP = "all | head | blocks:N"
 _BLOCK = re.compile(r"(^|/)encoderblock_(\d+)(/|$)")
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def parse_trainable(spec):
@@ -57,7 +54,7 @@ def check_arguments(trainable=None, layer_decay=None, lora_rank=None, lora_alpha
     if layer_decay is not None and (not isinstance(layer_decay, numbers.Real) or isinstance(layer_decay, bool)
                                     or not 0 < layer_decay <= 1):
         raise ValueError(f"layer_decay must be a number in (0, 1] (0.75 is usual), got {layer_decay!r}.")
-    if lora_rank is not None and (not _is_int(lora_rank) or lora_rank < 1):
+    if lora_rank is not None and (not is_int(lora_rank) or lora_rank < 1):
         raise ValueError(f"lora_rank must be a positive integer (e.g. 8), got {lora_rank!r}.")
     if lora_alpha is not None and (not isinstance(lora_alpha, numbers.Real) or isinstance(lora_alpha, bool)
                                    or not np.isfinite(lora_alpha) or lora_alpha <= 0):

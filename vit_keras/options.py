@@ -27,6 +27,9 @@ import dataclasses
 import math
 import numbers
 
+from vit_keras import sizes
+from vit_keras.sizes import is_int
+
 
 def option(default, doc, *, flag=None, aliases=(), parse=None, choices=None, check=None):
     """A dataclass field that is also a flag.
@@ -64,10 +67,6 @@ def doc(field, owner="the config"):
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_finite(value):
@@ -125,6 +124,14 @@ def parse_float(text):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def parse_size(text):
+    """A size flag: 384 or 384x512 (384,512); whether the numbers make a size is `sizes.is_size`'s to say."""
+    try:
+        return sizes.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _PARSERS = {int: parse_int, float: parse_float, str: str, "int": parse_int, "float": parse_float, "str": str}

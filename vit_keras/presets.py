@@ -9,7 +9,7 @@ import dataclasses
 import math
 import numbers
 
-from vit_keras.sizes import height_width
+from vit_keras.sizes import height_width, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def check_architecture(patch_size, num_layers, hidden_size, num_heads, mlp_dim, 
     ValueError: hidden_size 768 is not divisible by num_heads 7 (each head gets hidden_size / num_heads).
     """
     def count(value):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+        return is_int(value) and value >= 1
 
     def share(value):
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < 1

@@ -19,22 +19,17 @@ kernel is close to, not exactly, that.
 """
 
 import math
-import numbers
 
 import keras
 import numpy as np
 
 from vit_keras import checkpoint
-from vit_keras.sizes import height_width
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+from vit_keras.sizes import height_width, is_int
 
 
 def check_input_channels(input_channels):
     """ValueError unless `input_channels` is a positive integer."""
-    if not _is_int(input_channels) or input_channels < 1:
+    if not is_int(input_channels) or input_channels < 1:
         raise ValueError(f"input_channels must be a positive integer (1 grey, 3 RGB, N bands), "
                          f"got {input_channels!r}.")
 
@@ -63,14 +58,6 @@ def adapt_input_kernel(kernel, input_channels):
     repeats = math.ceil(input_channels / 3)
     tiled = np.concatenate([kernel] * repeats, axis=2)[:, :, :input_channels]
     return (tiled * (3.0 / input_channels)).astype(kernel.dtype)
-
-
-def adapt_input_params(params, input_channels):
-    """Canonical checkpoint params with their first convolution adapted to `input_channels`."""
-    if input_channels == 3:
-        return params
-    key = "conv_root/kernel" if "conv_root/kernel" in params else "embedding/kernel"
-    return {**params, key: adapt_input_kernel(params[key], input_channels)}
 
 
 def _first_conv_path(model):

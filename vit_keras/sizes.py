@@ -8,7 +8,8 @@ one-line error. Public as `vit_keras.data.height_width` too.
 import numbers
 
 
-def _is_int(value):
+def is_int(value):
+    """Whether `value` is an integer (Python or NumPy), and not a bool: the package's one test of a count."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -30,13 +31,13 @@ def height_width(image_size, name="image_size"):
     >>> height_width([384, 512])
     (384, 512)
     """
-    if _is_int(image_size):
+    if is_int(image_size):
         sides = (image_size,)
     elif isinstance(image_size, (tuple, list)) or getattr(image_size, "ndim", None) == 1:  # a NumPy array
         sides = tuple(image_size)
     else:
         sides = ()
-    if len(sides) not in (1, 2) or not all(_is_int(v) and v > 0 for v in sides):
+    if len(sides) not in (1, 2) or not all(is_int(v) and v > 0 for v in sides):
         raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, "
                          f"got {image_size!r}.")
     return (int(sides[0]), int(sides[-1]))

@@ -217,7 +217,7 @@ def translate(state, kind, path="checkpoint"):
     """A torch state_dict of `kind` ("timm", "transformers") -> published names and layouts.
 
     Names no rule knows are kept as they are, so the strict accounting of
-    `checkpoint.assign` lists them as unused and nothing loads.
+    `checkpoint.load_weights` (`report`) lists them as unused and nothing loads.
     """
     out = {}
     for name, value in state.items():

@@ -345,14 +345,6 @@ def _short(names, most=4):
     return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
-def _parse_size(text):
-    """`--image-size` text: 384 or 384x512 (384,512)."""
-    try:
-        return sizes.parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _parse_area(text):
     """`--crop-area` text: MIN,MAX."""
     try:
@@ -411,7 +403,7 @@ class TrainConfig:
     batch_size: int = options.option(64, "global batch size", check=_positive)
     image_size: object = options.option(
         None, "resolution, e.g. 384 or 384x512 (from Python 384 or (384, 512)); default: the checkpoint's, else "
-        "224", parse=_parse_size,
+        "224", parse=options.parse_size,
         check=options.satisfies("a positive integer or a (height, width) pair of them", sizes.is_size))
     weights: str = options.option(
         None, f"a checkpoint to start from: a published name ({', '.join(presets.WEIGHT_NAMES)}), an .npz path "
