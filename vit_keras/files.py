@@ -46,16 +46,34 @@ def follow_umask(root):
             os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
-def atomic_write_json(obj, path):
-    """Writes `obj` as JSON through a temporary file and a rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+@contextlib.contextmanager
+def atomic_file(path, suffix="", prefix=".tmp-"):
+    """A temporary file beside `path` to write, renamed onto `path` (`publish`) when the block succeeds.
+
+    Never half a file at `path`: on any error the temporary file is removed
+    and `path` is as it was.
+
+    Example:
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.txt")
+    >>> with atomic_file(path, ".txt") as tmp:
+    ...     _ = open(tmp, "w").write("done")
+    >>> open(path).read()
+    'done'
+    """
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)), prefix=prefix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+        yield tmp
         publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_json(obj, path, **dump_args):
+    """Writes `obj` as JSON (`json.dump` arguments; indent 2 unless given) through `atomic_file`."""
+    with atomic_file(path, ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, **{"indent": 2, **dump_args})
 
 
 def load_keras(path):

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 
 # What the decoders of both pipelines read (TensorFlow's decode_image and Pillow): these files are used.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -143,14 +142,7 @@ def save_manifest(folder, decoder, entries):
               "files": entries}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(path), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, separators=(",", ":"))
-            files.publish(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        files.atomic_write_json(record, path, indent=None, separators=(",", ":"))
     except OSError as e:
         logger.info("Image check manifest not written (%s): the next run checks every file again.", e)
 

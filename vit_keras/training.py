@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
@@ -50,14 +49,8 @@ def atomic_save(model, path):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     files.check_room(directory, _state_bytes(model), path)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=directory, prefix=files.temp_prefix())
-    os.close(fd)
-    try:
+    with files.atomic_file(path, ".keras", files.temp_prefix()) as tmp:
         model.save(tmp)
-        files.publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _state_bytes(model):
