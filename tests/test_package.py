@@ -3,6 +3,7 @@
 import ast
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,26 @@ def test_no_module_imports_one_below_it():
         for name in _module_imports(path) - {own}:
             if _level(name) > _level(own):
                 wrong.append(f"{'/'.join(rel.parts)} imports {name}")
+    assert not wrong, wrong
+
+
+def _readme_layout():
+    """The modules in the order the README's "Layout" lists them."""
+    block = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    return re.findall(r"^vit_keras/(\w+)", block, re.M)
+
+
+def test_the_readme_layout_lists_every_module_below_what_it_imports():
+    """The README says a module imports only the ones above it in its list: a newcomer reads it top down."""
+    order = _readme_layout()
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert set(order) == {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"} | packages
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = path.relative_to(PACKAGE).with_suffix("").parts[0]
+        if own != "__init__":
+            wrong += [f"{own} imports {name}" for name in _module_imports(path) - {own}
+                      if order.index(name) > order.index(own)]
     assert not wrong, wrong
 
 
