@@ -95,11 +95,13 @@ def test_with_intermediates_shares_the_layer_and_its_config_round_trips():
     assert isinstance(again.layer, vit_keras.layers.Encoder) and again.layer.get_config() == encoder.get_config()
 
 
-# Keras's private modules and the graph internals that a functional model's rebuild could reach
-# into. The one exception: distribute.py patches Keras's TF trainer for an upstream bug
-# (keras-team/keras#20585; tests/test_distributed.py fails once upstream no longer needs it).
+# Keras's private modules, the graph internals that a functional model's rebuild could reach into,
+# and a layer's private sublayer and variable handles (`_flatten_layers`, `_kernel`). The one
+# exception: distribute.py patches Keras's TF trainer for an upstream bug (keras-team/keras#20585;
+# tests/test_distributed.py fails once upstream no longer needs it).
 PRIVATE = re.compile(r"keras\.src\b|\._(run_through_graph|keras_history|inbound_nodes|outbound_nodes|nodes_by_depth"
-                     r"|operations_by_depth|get_node_attribute_at_index|maybe_symbolic_build|build_shapes_dict)\b")
+                     r"|operations_by_depth|get_node_attribute_at_index|maybe_symbolic_build|build_shapes_dict"
+                     r"|flatten_layers|layers|kernel|tracker)\b")
 ALLOWED = {("distribute.py", "patch_multi_worker_fit")}
 
 

@@ -139,8 +139,7 @@ def set_trainable(model, trainable=None, lora=False):
             return int(block.group(2)) >= first if block else "/encoder_norm/" in path
         return False
 
-    for layer in model._flatten_layers(include_self=False):
-        layer.trainable = True  # variables decide
+    model.trainable = True  # every layer and variable (Keras's setter recurses); the variables decide below
     for variable in model.weights:
         if variable.dtype is not None and "float" in str(variable.dtype):
             variable.trainable = trains(variable)
@@ -194,8 +193,17 @@ def enable_lora(model, rank, alpha=None, targets=LORA_TARGETS):
     return model
 
 
+def _adapted(model):
+    """The layers of `model` with LoRA adapters: only `lora_layers` can have them (`enable_lora` adapts no other)."""
+    from vit_keras.layers import Encoder
+
+    if sum(isinstance(layer, Encoder) for layer in model.layers) != 1:
+        return []
+    return [layer for layer in lora_layers(model, LORA_ALL) if getattr(layer, "lora_enabled", False)]
+
+
 def has_lora(model):
-    return any(getattr(layer, "lora_enabled", False) for layer in model._flatten_layers())
+    return bool(_adapted(model))
 
 
 def merge_lora(model):
@@ -206,10 +214,8 @@ def merge_lora(model):
     """
     if not has_lora(model):
         return model
-    merged = {}
-    for layer in model._flatten_layers():
-        if getattr(layer, "lora_enabled", False):
-            merged[layer._kernel.path] = keras.ops.convert_to_numpy(layer.kernel)  # W + scale * A @ B
+    # `layer.kernel` of an adapted layer is W + scale * A @ B; its variable W is the layer's "kernel".
+    merged = {f"{layer.path}/kernel": keras.ops.convert_to_numpy(layer.kernel) for layer in _adapted(model)}
     copy = model.__class__.from_config(model.get_config())  # the inner layers' configs have no adapters
     plain = [v for v in model.weights if not _is_lora(v)]
     for old, new in zip(plain, copy.weights, strict=True):
@@ -220,8 +226,8 @@ def merge_lora(model):
 def restart_adapters(model):
     """After weights were loaded into an adapted model (Keras loads the merged kernel and zeroes
     both adapters, which then get no gradient): `A` drawn again, so training goes on from the merged model."""
-    for layer in model._flatten_layers():
-        if getattr(layer, "lora_enabled", False) and not np.any(keras.ops.convert_to_numpy(layer.lora_kernel_a)):
+    for layer in _adapted(model):
+        if not np.any(keras.ops.convert_to_numpy(layer.lora_kernel_a)):
             layer.lora_kernel_a.assign(keras.initializers.HeUniform()(layer.lora_kernel_a.shape,
                                                                       layer.lora_kernel_a.dtype))
 
