@@ -279,14 +279,12 @@ def check_finite(params, path):
 
 def representation_size(params):
     """Width of the checkpoint's `pre_logits` layer, or None."""
-    kernel = params.get("pre_logits/kernel")
-    return None if kernel is None else int(kernel.shape[-1])
+    return _outputs(params, "pre_logits")
 
 
 def head_classes(params):
     """Outputs of the checkpoint's head, or None."""
-    kernel = params.get("head/kernel")
-    return None if kernel is None else int(kernel.shape[-1])
+    return _outputs(params, "head")
 
 
 # ----------------------------------------------------------------------------- the name walk

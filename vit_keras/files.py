@@ -1,5 +1,6 @@
-"""Files written safely: atomic JSON, umask modes, output folders and their locks, clear `.keras` load errors,
-and export folders that appear only complete (`atomic_dir`), with a manifest that says what `overwrite` may replace.
+"""Files written safely: every atomic write (`atomic_file`), umask modes, output folders and their locks, and
+export folders that appear only complete (`atomic_dir`), with a manifest that says what `overwrite` may replace.
+(`.keras` files are read by `vit_keras.loader`; `load_keras` is kept here as its alias.)
 """
 
 import contextlib
