@@ -235,6 +235,17 @@ def test_resize_matches_the_upstream_posemb_resize():
     np.testing.assert_allclose(numpy(resized(inputs)), np.load(case / "expected.npz")["logits"], atol=2e-4)
 
 
+def test_resize_a_sincos2d_model():
+    """big_vision's fixed position table has no variable: resize builds it at the new size (it used to crash)."""
+    kwargs = dict(TINY, image_size=32, posemb="sincos2d", classifier="gap", include_top=False)
+    model = tiny(**kwargs)
+    resized = vit_keras.resize(model, image_size=(48, 64), input_channels=1)
+    fresh = tiny(**{**kwargs, "image_size": (48, 64)})  # the table made by the layer at that size
+    fresh.set_weights(model.get_weights())
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 48, 64, 1)).astype("float32")
+    np.testing.assert_allclose(numpy(resized(x)), numpy(fresh(np.repeat(x, 3, axis=-1))), atol=2e-5)
+
+
 def _vit_fixture_model(**kwargs):
     case = FIXTURES / "tiny_vit"
     meta = json.loads((case / "meta.json").read_text())

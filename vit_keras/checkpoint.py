@@ -546,6 +546,11 @@ def _resize_grid(key, value, want, layout):
     return resize_posemb(value, layout.grid, layout.prefix_tokens, old)
 
 
+def first_conv_key(embeddings):
+    """The checkpoint key of the kernel that sees the image: the ResNet root's, else the patch embedding's."""
+    return "conv_root/kernel" if embeddings.resnet_layers is not None else "embedding/kernel"
+
+
 def _adapt_input_channels(key, value, want, layout):
     # A 3-channel checkpoint in a model of other input channels: timm's adapt_input_conv.
     if key != layout.first_conv or value.ndim != 4 or value.shape[2] != 3 or want[2] == 3:
@@ -562,7 +567,7 @@ def adapt(plan, model, policy=LoadPolicy()):
     """Returns `plan` with each value rewritten to its variable's layout by the `QUIRKS`, in order."""
     embeddings = model.get_layer("embeddings")
     layout = _Layout(grid=embeddings.grid_size(model.input_shape[1:3]), prefix_tokens=int(embeddings.class_token),
-                     first_conv="conv_root/kernel" if embeddings.resnet_layers is not None else "embedding/kernel",
+                     first_conv=first_conv_key(embeddings),
                      checkpoint_grid=policy.checkpoint_grid and tuple(policy.checkpoint_grid))
     load, notes = {}, list(plan.notes)
     for key, (variable, value) in plan.load.items():

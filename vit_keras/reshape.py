@@ -60,14 +60,6 @@ def adapt_input_kernel(kernel, input_channels):
     return (tiled * (3.0 / input_channels)).astype(kernel.dtype)
 
 
-def _first_conv_path(model):
-    """The path of the kernel that sees the image: the ResNet root's, else the patch embedding's."""
-    embeddings = model.get_layer("embeddings")
-    if getattr(embeddings, "resnet_layers", None) is not None:
-        return embeddings.resnet.conv_root.kernel.path
-    return embeddings.embedding.kernel.path
-
-
 def resize(model, image_size=None, input_channels=None):
     """The same weights at another resolution and/or channel count: a new model.
 
@@ -121,8 +113,10 @@ def resize(model, image_size=None, input_channels=None):
 
     config = _walk(model.get_config(), edit)
     new = model.__class__.from_config(config)
-    first = _first_conv_path(model)
-    posemb = model.get_layer("embeddings").pos_embedding.path
+    variables = checkpoint.checkpoint_variables(model)  # the loader's name walk: {checkpoint key: (variable, layer)}
+    first = variables[checkpoint.first_conv_key(embeddings)][0].path
+    posemb = variables.get(checkpoint.POSEMB_KEY)  # none with big_vision's sincos2d table (made at build)
+    posemb = posemb and posemb[0].path
     prefix = int(embeddings.class_token)
     for old_var, new_var in zip(model.weights, new.weights, strict=True):
         value = keras.ops.convert_to_numpy(old_var)
