@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from vit_keras import checkpoint
+from vit_keras.model import copy_model
 from vit_keras.sizes import height_width, is_int
 
 
@@ -111,29 +112,20 @@ def resize(model, image_size=None, input_channels=None):
             config = {**config, "config": {**config["config"], "batch_shape": [shape[0], new_h, new_w, new_c]}}
         return {k: v for k, v in config.items() if k != "build_config"}
 
-    config = _walk(model.get_config(), edit)
-    new = model.__class__.from_config(config)
     variables = checkpoint.checkpoint_variables(model)  # the loader's name walk: {checkpoint key: (variable, layer)}
     first = variables[checkpoint.first_conv_key(embeddings)][0].path
     posemb = variables.get(checkpoint.POSEMB_KEY)  # none with big_vision's sincos2d table (made at build)
     posemb = posemb and posemb[0].path
     prefix = int(embeddings.class_token)
-    for old_var, new_var in zip(model.weights, new.weights, strict=True):
-        value = keras.ops.convert_to_numpy(old_var)
-        if old_var.path == posemb and old_grid != new_grid:
+    values = []
+    for variable in model.weights:
+        value = keras.ops.convert_to_numpy(variable)
+        if variable.path == posemb and old_grid != new_grid:
             value = checkpoint.resize_posemb(value.astype("float32"), new_grid, prefix, old_grid)
-        elif old_var.path == first and new_c != old_c:
+        elif variable.path == first and new_c != old_c:
             value = adapt_input_kernel(value, new_c)
-        new_var.assign(value.astype(new_var.dtype))
-    return new
-
-
-def _walk(config, edit):
-    if isinstance(config, dict):
-        return edit({k: _walk(v, edit) for k, v in config.items()})
-    if isinstance(config, list):
-        return [_walk(v, edit) for v in config]
-    return config
+        values.append(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+    return copy_model(model, edit, values)
 
 
 def channel_batches(pipeline, input_channels):
