@@ -5,10 +5,11 @@ export folders that appear only complete (`atomic_dir`), with a manifest that sa
 
 import contextlib
 import json
-import numbers
 import os
 import shutil
 import tempfile
+
+from vit_keras.sizes import is_int
 
 
 def umask():
@@ -436,5 +437,5 @@ def check_name_and_version(name, version):
             or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep))):
         raise ValueError(f"Model name {name!r} must be a plain folder name "
                          "(not '.', no path separators or '..').")
-    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or version < 1:
+    if not is_int(version) or version < 1:
         raise ValueError(f"version must be a positive integer (TF Serving's version folder), got {version!r}.")

@@ -1,6 +1,5 @@
 """Assembles the Vision Transformer with the functional API."""
 
-import numbers
 import os
 
 import keras
@@ -10,7 +9,7 @@ from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, 
 from vit_keras.layers.std_conv import standardize_kernel
 from vit_keras.precision import check_dtype
 from vit_keras.presets import ViTConfig, check_architecture
-from vit_keras.sizes import height_width
+from vit_keras.sizes import height_width, is_int
 
 
 def _memory_bytes():
@@ -167,8 +166,7 @@ def build_model(
     check_dtype(dtype)
     check_architecture(patch_size, num_layers, hidden_size, num_heads, mlp_dim, dropout, attention_dropout,
                        representation_size, resnet_layers, resnet_width_factor)
-    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, numbers.Integral)
-                                or classes < 1):
+    if classes is not None and (not is_int(classes) or classes < 1):
         raise ValueError(f"classes must be a positive integer (or None with weights), got {classes!r}.")
     if classes is None and include_top and weights is None:
         raise ValueError("classes=None takes the checkpoint's head classes: it needs weights.")

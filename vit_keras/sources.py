@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from vit_keras import checkpoint
-from vit_keras.sizes import height_width
+from vit_keras.sizes import height_width, is_int
 
 TIMM_NUMERICS = dict(layer_norm_epsilon=1e-6, gelu_approximate=False, ws_epsilon=1e-8, gn_epsilon=1e-5)
 ORBAX_EXTRA = "pip install 'vit_keras[orbax]'"
@@ -74,8 +74,8 @@ def read_safetensors(path):
         for name, entry in header.items():
             ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
                   and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
-                  and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
-                  and len(entry["data_offsets"]) == 2 and all(isinstance(o, int) for o in entry["data_offsets"]))
+                  and all(is_int(d) and d >= 0 for d in entry["shape"])
+                  and len(entry["data_offsets"]) == 2 and all(is_int(o) for o in entry["data_offsets"]))
             if not ok:
                 raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}.")
             if entry["dtype"] not in _ST_DTYPES:
