@@ -314,7 +314,7 @@ def _fit_to_data(model, source, num_classes, class_names, image_size, input_chan
     """A trained model continued on a dataset: the same class count, the size asked for, the dataset's names."""
     if model.output_shape[-1] != num_classes:
         raise ValueError(f"{source} has {model.output_shape[-1]} outputs but the dataset has {num_classes} classes.")
-    size = None if image_size is None else data_lib.height_width(image_size)
+    size = None if image_size is None else sizes.height_width(image_size)
     if size not in (None, tuple(model.input_shape[1:3])) or input_channels not in (None, model.input_shape[-1]):
         model = reshape.resize(model, image_size=size, input_channels=input_channels)  # continue at that size
     _rename_classes(model, class_names, source)
