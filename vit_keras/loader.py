@@ -59,8 +59,14 @@ def kind(spec):
 
 
 def check(spec):
-    """ValueError unless `spec` is a model `load_model` can load (a `.keras` file is checked when read)."""
-    kind(spec)
+    """ValueError unless `spec` is a model `load_model` can load: a `.keras` file must be there (it is read later)."""
+    if kind(spec) == "keras":
+        _check_keras_file(os.fspath(spec))
+
+
+def _check_keras_file(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot load the model {path}: no such file.")
 
 
 def num_layers(spec):
@@ -135,8 +141,7 @@ def read_keras(path):
     import keras
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"cannot load the model {path}: no such file.")
+    _check_keras_file(path)
     try:
         return keras.saving.load_model(path)
     except Exception as e:

@@ -360,8 +360,6 @@ def _is_area(value):
 def _check_model(name, value):
     """A model `loader` knows; a `.keras` file that is there (read once the data are loaded)."""
     loader.check(value)
-    if loader.kind(value) == "keras" and not os.path.isfile(value):
-        raise ValueError(f"cannot load the model {value}: no such file.")
 
 
 _positive = options.positive_int
