@@ -79,6 +79,28 @@ def _numpy2_compat():
 
 
 @contextlib.contextmanager
+def _fresh_node_protos():
+    """tf2onnx refills each node's NodeProto after every optimiser pass; protobuf (upb) keeps the removed
+    attributes in the message's arena, so every pass kept another copy of every weight (R50+ViT-B/16:
+    17 GB). A new NodeProto per refill lets the old one, and its arena, go."""
+    from tf2onnx import graph
+
+    (onnx,) = _import("onnx")
+    original = graph.Node.update_proto
+
+    def update_proto(node, external_tensor_storage=None):
+        old = node._op
+        node._op = onnx.NodeProto(name=old.name, op_type=old.op_type, domain=old.domain, doc_string=old.doc_string)
+        original(node, external_tensor_storage)
+
+    graph.Node.update_proto = update_proto
+    try:
+        yield
+    finally:
+        graph.Node.update_proto = original
+
+
+@contextlib.contextmanager
 def _quiet_tf2onnx():
     """tf2onnx logs each conversion step at INFO; keep its warnings and errors only."""
     logger = logging.getLogger("tf2onnx")
@@ -94,8 +116,16 @@ def _weight_bytes(model):
     return 4 * sum(int(np.prod(w.shape)) for w in model.weights)
 
 
-def _convert(model, opset, external):
-    """tf2onnx conversion of pixels -> probabilities; returns (ModelProto, external tensor storage)."""
+def _convert(model, opset):
+    """tf2onnx conversion of pixels -> probabilities; returns (ModelProto, external tensor storage).
+
+    Always tf2onnx's large-model path, whatever the model's size: it freezes the
+    variables into a GraphDef without grappler's copy of it, keeps the weights
+    out of the graph while converting, and runs the ONNX optimiser in place
+    (the default path deep-copies the whole graph before each of its passes):
+    R50+ViT-B/16 peaks at ~3 GB instead of 9.7 (`benchmarks/RESULTS.md`).
+    Every tensor over 1,000 bytes is left in the storage; `_write` places it.
+    """
     tf2onnx, _ = _import("tf2onnx", "onnx")
     height, width = model.input_shape[1:3]
     spec = [tf.TensorSpec([None, height, width, 3], tf.float32, name="images")]
@@ -104,9 +134,9 @@ def _convert(model, opset, external):
     def predict_images(images):
         return {"probabilities": probabilities(model, images)}
 
-    with _quiet_tf2onnx(), _numpy2_compat():
+    with _quiet_tf2onnx(), _numpy2_compat(), _fresh_node_protos():
         proto, storage = tf2onnx.convert.from_function(predict_images, input_signature=spec, opset=opset,
-                                                       large_model=external)
+                                                       large_model=True)
     del predict_images
     gc.collect()
     return proto, storage
@@ -124,6 +154,19 @@ def _describe(proto, names, height, width):
                         f"-> probabilities float32 [N, {len(names)}] (x / 127.5 - 1 and softmax inside)")
     entry = proto.metadata_props.add()
     entry.key, entry.value = "class_names", json.dumps(names)
+
+
+def _inline(proto, storage):
+    """Puts the tensors held in tf2onnx's external `storage` back into the ModelProto, one at a time."""
+    (onnx,) = _import("onnx")
+    from onnx import external_data_helper
+
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}["location"]
+            tensor.raw_data = storage.name_to_tensor_data.pop(location)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _write(proto, storage, path):
@@ -189,11 +232,15 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
         external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
         bar.update(0, note="converting with tf2onnx")
         with console.native_output("converting to ONNX"):
-            proto, storage = _convert(model, opset, external)
+            proto, storage = _convert(model, opset)
+        del model
+        gc.collect()
         _check_opset_written(proto, opset)
         _describe(proto, names, height, width)
         bar.update(1, note="writing")
         path = os.path.join(tmp, ONNX_FILE)
+        if not external:
+            _inline(proto, storage)
         _write(proto, storage if external else None, path)
         del proto, storage
         gc.collect()
