@@ -27,6 +27,7 @@ from vit_keras import finetune, layers, optimizers, presets, utils, vit  # noqa:
 from vit_keras.checkpoint import load_npz
 from vit_keras.features import features_model
 from vit_keras.model import attention_model, build_model, float32_copy, fold_weight_standardization
+from vit_keras.precision import inference_copy
 from vit_keras.presets import ViTConfig
 from vit_keras.preprocessing import preprocess_inputs
 from vit_keras.reshape import resize
@@ -80,6 +81,7 @@ __all__ = [
     "fold_weight_standardization",
     "get_config",
     "get_imagenet_classes",
+    "inference_copy",
     "layers",
     "load_npz",
     "preprocess_inputs",

@@ -8,6 +8,7 @@ import numpy as np
 
 from vit_keras.layers import ClassifierHead, Embeddings, Encoder, ExtractToken, MAPHead
 from vit_keras.layers.std_conv import standardize_kernel
+from vit_keras.precision import check_dtype
 from vit_keras.presets import check_architecture
 
 
@@ -78,6 +79,7 @@ def build_model(
     checkpoint_prefix=None,
     remat=False,
     input_channels=3,
+    dtype=None,
 ):
     """Builds a ViT (or, with `resnet_layers`, a hybrid ResNet+ViT).
 
@@ -149,6 +151,13 @@ def build_model(
             checkpoint's first convolution is adapted (1: summed over RGB;
             N: repeated and scaled by 3/N, see `reshape.adapt_input_kernel`).
             Defaults to 3.
+        dtype: str or None. A Keras dtype policy name for every layer but
+            the head (whose logits stay float32): "float32", "mixed_bfloat16"
+            (float32 weights, bfloat16 compute) or "bfloat16" (bfloat16
+            weights and compute; `vit_keras.inference_copy` makes one from a
+            trained model). None takes Keras's global policy
+            (`keras.config.dtype_policy()`, float32 unless set).
+            Defaults to None.
 
     Example:
     >>> model = build_model(32, 16, num_layers=2, hidden_size=64, num_heads=4,
@@ -158,6 +167,7 @@ def build_model(
     """
     if classifier not in CLASSIFIERS:
         raise ValueError(f"Unknown classifier {classifier!r}; use one of {CLASSIFIERS}.")
+    check_dtype(dtype)
     check_architecture(patch_size, num_layers, hidden_size, num_heads, mlp_dim, dropout, attention_dropout,
                        representation_size, resnet_layers, resnet_width_factor)
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, numbers.Integral)
@@ -204,6 +214,7 @@ def build_model(
         gn_epsilon=numerics["gn_epsilon"],
         remat=remat,
         name="embeddings",
+        dtype=dtype,
     )
     _check_memory(embeddings.grid_size((height, width)), hidden_size, classifier, (height, width))
     inputs = keras.Input((height, width, input_channels), name="image")
@@ -211,20 +222,20 @@ def build_model(
     # Without the weights the attention is fused (flash attention on a GPU); `attention_model` has them.
     y = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
                 attention_dropout=attention_dropout, layer_norm_epsilon=numerics["layer_norm_epsilon"],
-                gelu_approximate=numerics["gelu_approximate"], remat=remat, name="Transformer")(
+                gelu_approximate=numerics["gelu_approximate"], remat=remat, name="Transformer", dtype=dtype)(
         x, return_weights=False)
     if classifier == "token":
-        y = ExtractToken(name="class_token")(y)
+        y = ExtractToken(name="class_token", dtype=dtype)(y)
     elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)
-        y = keras.layers.GlobalAveragePooling1D(name="gap")(y)
+        y = keras.layers.GlobalAveragePooling1D(name="gap", dtype=dtype)(y)
     elif classifier == "map":  # big_vision's attention pooling: a probe attends to the normalised tokens
         # Its probe's attention is an output of the layer's node (one query: nothing to save by fusing),
         # so that `attention_model` can take it.
         y, _ = MAPHead(num_heads, mlp_dim, numerics["layer_norm_epsilon"], numerics["gelu_approximate"],
-                       name="MAPHead_0")(y, return_weights=True)
+                       name="MAPHead_0", dtype=dtype)(y, return_weights=True)
     if representation_size:
         y = keras.layers.Dense(representation_size, activation="tanh",
-                               kernel_initializer="lecun_normal", name="pre_logits")(y)
+                               kernel_initializer="lecun_normal", name="pre_logits", dtype=dtype)(y)
     if include_top:
         # The original zero-initialises the head; logits stay float32 under mixed precision.
         y = ClassifierHead(

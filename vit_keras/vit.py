@@ -4,7 +4,7 @@ import dataclasses
 import logging
 import os
 
-from vit_keras import presets, sources
+from vit_keras import precision, presets, sources
 from vit_keras.model import build_model
 from vit_keras.preprocessing import preprocess_inputs  # noqa: F401 (part of this module's API)
 from vit_keras.utils import get_imagenet_classes
@@ -66,6 +66,7 @@ def create(
     checkpoint_prefix=None,
     remat=False,
     input_channels=3,
+    dtype=None,
 ):
     """Builds a model from a name or a `ViTConfig`, with weights resolved and read once.
 
@@ -115,12 +116,17 @@ def create(
             backward pass. Defaults to False.
         input_channels: int. Channels of the input images; a checkpoint's
             first convolution is adapted (see `build_model`). Defaults to 3.
+        dtype: str or None. Keras dtype policy of the layers: "float32",
+            "mixed_bfloat16" or "bfloat16"; the logits stay float32 (see
+            `build_model`). None takes Keras's global policy (float32 unless
+            set). Defaults to None.
 
     Example:
     >>> model = create("vit_hybrid_tiny", classes=10, image_size=64)
     >>> model.name, model.output_shape
     ('vit-hybrid-tiny', (None, 10))
     """
+    precision.check_dtype(dtype)  # before any file is read
     source = None
     # A checkpoint on disk names the architecture itself.
     if name_or_config not in presets.ALL_CONFIGS and is_checkpoint_path(name_or_config):
@@ -179,6 +185,7 @@ def create(
         class_names=class_names,
         remat=remat,
         input_channels=input_channels,
+        dtype=dtype,
     )
 
 

@@ -67,6 +67,7 @@ class Attention(keras.layers.Layer):
                 bias_axes="hk",
                 kernel_initializer="glorot_uniform",
                 name=name,
+                dtype=self.dtype_policy,
             )
             layer.build(input_shape)
             setattr(self, name, layer)
@@ -76,9 +77,10 @@ class Attention(keras.layers.Layer):
             bias_axes="d",
             kernel_initializer="glorot_uniform",
             name="out",
+            dtype=self.dtype_policy,
         )
         self.out.build((input_shape[0], input_shape[1], self.num_heads, self.head_dim))
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout", dtype=self.dtype_policy)
         self.built = True
 
     def call(self, inputs, training=None, return_weights=True, context=None):

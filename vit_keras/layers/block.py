@@ -8,9 +8,9 @@ from vit_keras.layers.mlp import Mlp
 LN_EPSILON = 1e-6
 
 
-def layer_norm(name, epsilon=LN_EPSILON):
-    """LayerNorm with the original's epsilon (Keras defaults to 1e-3)."""
-    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+def layer_norm(name, epsilon=LN_EPSILON, dtype=None):
+    """LayerNorm with the original's epsilon (Keras defaults to 1e-3); its statistics are float32 under any policy."""
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="vit_keras")
@@ -59,16 +59,16 @@ class Block(keras.layers.Layer):
         self.gelu_approximate = gelu_approximate
 
     def build(self, input_shape):
-        self.norm_0 = layer_norm("LayerNorm_0", self.layer_norm_epsilon)
+        self.norm_0 = layer_norm("LayerNorm_0", self.layer_norm_epsilon, self.dtype_policy)
         self.norm_0.build(input_shape)
         self.attention = Attention(
-            self.num_heads, self.attention_dropout, name="MultiHeadDotProductAttention_1"
+            self.num_heads, self.attention_dropout, name="MultiHeadDotProductAttention_1", dtype=self.dtype_policy
         )
         self.attention.build(input_shape)
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
-        self.norm_2 = layer_norm("LayerNorm_2", self.layer_norm_epsilon)
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout", dtype=self.dtype_policy)
+        self.norm_2 = layer_norm("LayerNorm_2", self.layer_norm_epsilon, self.dtype_policy)
         self.norm_2.build(input_shape)
-        self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, name="MlpBlock_3")
+        self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, name="MlpBlock_3", dtype=self.dtype_policy)
         self.mlp.build(input_shape)
         self.built = True
 

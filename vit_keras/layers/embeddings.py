@@ -136,6 +136,7 @@ class Embeddings(keras.layers.Layer):
                 self.gn_epsilon,
                 remat=self.remat,
                 name="resnet",
+                dtype=self.dtype_policy,
             )
             self.resnet.build(shape)
             shape = self.resnet.compute_output_shape(shape)
@@ -146,6 +147,7 @@ class Embeddings(keras.layers.Layer):
             padding="valid",
             kernel_initializer="lecun_normal",
             name="embedding",
+            dtype=self.dtype_policy,
         )
         self.embedding.build(shape)
         if self.class_token:
@@ -160,7 +162,7 @@ class Embeddings(keras.layers.Layer):
                 initializer=keras.initializers.RandomNormal(stddev=0.02),
                 name="pos_embedding",
             )
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout", dtype=self.dtype_policy)
         self.built = True
 
     def patch_grid(self, images):

@@ -70,10 +70,11 @@ class Encoder(keras.layers.Layer):
                 self.layer_norm_epsilon,
                 self.gelu_approximate,
                 name=f"encoderblock_{i}",
+                dtype=self.dtype_policy,
             )
             block.build(input_shape)
             self.blocks.append(block)
-        self.encoder_norm = layer_norm("encoder_norm", self.layer_norm_epsilon)
+        self.encoder_norm = layer_norm("encoder_norm", self.layer_norm_epsilon, self.dtype_policy)
         self.encoder_norm.build(input_shape)
         self.built = True
 

@@ -48,11 +48,12 @@ class MAPHead(keras.layers.Layer):
         width = input_shape[-1]
         self.probe = self.add_weight(shape=(1, 1, width), initializer="glorot_uniform", name="probe")
         probe_shape = (input_shape[0], 1, width)
-        self.attention = Attention(self.num_heads, name="MultiHeadDotProductAttention_0")
+        self.attention = Attention(self.num_heads, name="MultiHeadDotProductAttention_0", dtype=self.dtype_policy)
         self.attention.build(probe_shape)
-        self.norm = layer_norm("LayerNorm_0", self.layer_norm_epsilon)
+        self.norm = layer_norm("LayerNorm_0", self.layer_norm_epsilon, self.dtype_policy)
         self.norm.build(probe_shape)
-        self.mlp = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="MlpBlock_0")
+        self.mlp = Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, name="MlpBlock_0",
+                       dtype=self.dtype_policy)
         self.mlp.build(probe_shape)
         self.built = True
 

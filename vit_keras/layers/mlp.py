@@ -37,12 +37,13 @@ class Mlp(keras.layers.Layer):
         init = dict(
             kernel_initializer="glorot_uniform",
             bias_initializer=keras.initializers.RandomNormal(stddev=1e-6),
+            dtype=self.dtype_policy,
         )
         self.dense_0 = keras.layers.Dense(self.mlp_dim, name="Dense_0", **init)
         self.dense_0.build(input_shape)
         self.dense_1 = keras.layers.Dense(input_shape[-1], name="Dense_1", **init)
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
-        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout")
+        self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout", dtype=self.dtype_policy)
         self.built = True
 
     def call(self, inputs, training=None):

@@ -11,8 +11,8 @@ GN_GROUPS = 32
 GN_EPSILON = 1e-6
 
 
-def _group_norm(name, scale_initializer="ones", epsilon=GN_EPSILON):
-    return GroupNorm(groups=GN_GROUPS, epsilon=epsilon, scale_initializer=scale_initializer, name=name)
+def _group_norm(name, scale_initializer="ones", epsilon=GN_EPSILON, dtype=None):
+    return GroupNorm(groups=GN_GROUPS, epsilon=epsilon, scale_initializer=scale_initializer, name=name, dtype=dtype)
 
 
 def resnet_stride(block_units):
@@ -26,7 +26,7 @@ def resnet_channels(block_units, width_factor):
     return width if not block_units else 4 * stage_width(len(block_units), width)
 
 
-def _std_conv(filters, kernel_size, strides, name, prestandardized, ws_epsilon=WS_EPSILON):
+def _std_conv(filters, kernel_size, strides, name, prestandardized, ws_epsilon=WS_EPSILON, dtype=None):
     return StdConv2D(
         filters,
         kernel_size,
@@ -37,6 +37,7 @@ def _std_conv(filters, kernel_size, strides, name, prestandardized, ws_epsilon=W
         prestandardized=prestandardized,
         ws_epsilon=ws_epsilon,
         name=name,
+        dtype=dtype,
     )
 
 
@@ -76,10 +77,10 @@ class ResNetUnit(keras.layers.Layer):
         self.gn_epsilon = gn_epsilon
 
     def _conv(self, filters, kernel_size, strides, name):
-        return _std_conv(filters, kernel_size, strides, name, self.prestandardized, self.ws_epsilon)
+        return _std_conv(filters, kernel_size, strides, name, self.prestandardized, self.ws_epsilon, self.dtype_policy)
 
     def _norm(self, name, scale_initializer="ones"):
-        return _group_norm(name, scale_initializer, self.gn_epsilon)
+        return _group_norm(name, scale_initializer, self.gn_epsilon, self.dtype_policy)
 
     def build(self, input_shape):
         out = 4 * self.filters
@@ -189,7 +190,7 @@ class ResNetStage(keras.layers.Layer):
         self.units = []
         for u in range(1, self.num_units + 1):
             unit = ResNetUnit(self.filters, self.strides if u == 1 else 1, self.prestandardized,
-                              self.ws_epsilon, self.gn_epsilon, name=f"unit{u}")
+                              self.ws_epsilon, self.gn_epsilon, name=f"unit{u}", dtype=self.dtype_policy)
             unit.build(shape)
             shape = unit.compute_output_shape(shape)
             self.units.append(unit)
@@ -276,17 +277,18 @@ class ResNet(keras.layers.Layer):
         return [unit for stage in self.stages for unit in stage.units]
 
     def build(self, input_shape):
-        self.conv_root = _std_conv(self.width, 7, 2, "conv_root", self.prestandardized, self.ws_epsilon)
+        self.conv_root = _std_conv(self.width, 7, 2, "conv_root", self.prestandardized, self.ws_epsilon,
+                                   self.dtype_policy)
         self.conv_root.build(input_shape)
         shape = self.conv_root.compute_output_shape(input_shape)
-        self.gn_root = _group_norm("gn_root", epsilon=self.gn_epsilon)
+        self.gn_root = _group_norm("gn_root", epsilon=self.gn_epsilon, dtype=self.dtype_policy)
         self.gn_root.build(shape)
         b, h, w, c = shape
         shape = (b, _halved(h, 2), _halved(w, 2), c)  # the max-pool
         self.stages = []
         for s, count in enumerate(self.block_units, start=1):
             stage = ResNetStage(count, stage_width(s, self.width), stage_stride(s), self.prestandardized,
-                                self.ws_epsilon, self.gn_epsilon, name=f"block{s}")
+                                self.ws_epsilon, self.gn_epsilon, name=f"block{s}", dtype=self.dtype_policy)
             stage.build(shape)
             shape = stage.compute_output_shape(shape)
             self.stages.append(stage)
