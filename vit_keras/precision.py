@@ -77,17 +77,21 @@ def inference_copy(model, dtype="bfloat16"):
     check_dtype(dtype, INFERENCE_DTYPES)
     if not isinstance(model, keras.Model):
         raise ValueError(f"inference_copy takes a keras.Model, got {type(model).__name__}.")
-    source = vit_model.fold_weight_standardization(model)  # in float32, from the original's kernels
+    # The kernels standardised in float32 from the original's, one weight at a time (no float32 folded copy).
+    weights = (_float32(w) for w in vit_model.folded_weights(model))
+    resnet = vit_model._resnet(model)
+    fold = resnet is not None and not resnet.prestandardized
 
     def edit(config):
+        if fold:
+            config = vit_model._prestandardize(config)
         if config.get("class_name") == "DTypePolicy":
             return _policy(config, dtype)
         if _is_head(config) and isinstance(config.get("config", {}).get("dtype"), dict):  # logits stay float32
             return {**config, "config": {**config["config"], "dtype": _policy(config["config"]["dtype"], "float32")}}
         return config
 
-    weights = [_float32(w) for w in source.get_weights()]
-    copy = vit_model.copy_model(source, edit, weights)
+    copy = vit_model.copy_model(model, edit, weights)
     if all(keras.backend.standardize_dtype(t.dtype) == "float32" for t in copy.outputs):
         return copy
     names = ["float32_output"] if len(copy.outputs) == 1 else [f"float32_output_{i}" for i in range(len(copy.outputs))]

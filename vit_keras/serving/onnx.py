@@ -156,17 +156,49 @@ def _describe(proto, names, height, width):
     entry.key, entry.value = "class_names", json.dumps(names)
 
 
-def _inline(proto, storage):
-    """Puts the tensors held in tf2onnx's external `storage` back into the ModelProto, one at a time."""
+def _inline(tensor, storage):
+    """Puts a tensor held in tf2onnx's external `storage` back into its TensorProto."""
+    (onnx,) = _import("onnx")
+
+    location = {e.key: e.value for e in tensor.external_data}["location"]
+    tensor.raw_data = storage.name_to_tensor_data.pop(location)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _write_one_file(proto, storage, path):
+    """Writes the ModelProto to `path` with the tensors held in `storage` inside the one file.
+
+    Never the whole model in memory once more: protobuf merges repeated
+    occurrences of a message field, so the model goes out without its big
+    initializers, and each of them follows as a record of its own,
+    `ModelProto(graph=GraphProto(initializer=[tensor]))`, made from its bytes
+    in `storage` and let go before the next.
+    """
     (onnx,) = _import("onnx")
     from onnx import external_data_helper
 
-    for tensor in external_data_helper._get_all_tensors(proto):
+    graph = proto.graph
+    moved = [i for i, t in enumerate(graph.initializer) if external_data_helper.uses_external_data(t)]
+    records = []
+    for i in moved:
+        t = graph.initializer[i]
+        records.append((t.name, list(t.dims), t.data_type, {e.key: e.value for e in t.external_data}["location"]))
+    for i in reversed(moved):
+        del graph.initializer[i]
+    for tensor in external_data_helper._get_all_tensors(proto):  # attributes, if any: small
         if external_data_helper.uses_external_data(tensor):
-            location = {e.key: e.value for e in tensor.external_data}["location"]
+            _inline(tensor, storage)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        for name, dims, data_type, location in records:
+            record = onnx.ModelProto()
+            tensor = record.graph.initializer.add()
+            tensor.name, tensor.data_type = name, data_type
+            tensor.dims.extend(dims)
             tensor.raw_data = storage.name_to_tensor_data.pop(location)
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            f.write(record.SerializeToString())
+            del record, tensor
 
 
 def _write(proto, storage, path):
@@ -239,9 +271,10 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
         _describe(proto, names, height, width)
         bar.update(1, note="writing")
         path = os.path.join(tmp, ONNX_FILE)
-        if not external:
-            _inline(proto, storage)
-        _write(proto, storage if external else None, path)
+        if external:
+            _write(proto, storage, path)
+        else:
+            _write_one_file(proto, storage, path)
         del proto, storage
         gc.collect()
         bar.update(2, note="checking")
