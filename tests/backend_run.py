@@ -6,9 +6,12 @@ For each case of tests/fixtures/vit_jax it builds the model with
 `build_model(weights=...)`, compares the logits and every block's attention
 with the fixtures and the rollout of those weights with a NumPy rollout of the
 fixture's weights, and writes `OUT/<case>.keras` (on `tiny_r50` it also runs
-`load_npz` into a fresh model and reloads that file here); then it loads
-`tiny_r50.keras` and `tiny_vit_gap.keras` from each READ folder (written on
-another backend) and compares those too. Off TensorFlow,
+`load_npz` into a fresh model and reloads that file here); on `tiny_vit` and
+`tiny_r50` its bfloat16 `inference_copy` must meet the bounds of
+tests/test_bfloat16.py (which checks every case on TensorFlow), and
+`tiny_r50`'s is written as `OUT/tiny_r50_bf16.keras`); then it loads
+`tiny_r50.keras`, `tiny_vit_gap.keras` and `tiny_r50_bf16.keras` from each READ
+folder (written on another backend) and compares those too. Off TensorFlow,
 tests/no_tensorflow.py makes `import tensorflow` fail as where it is not
 installed, so anything that still needs it shows up. Prints one line per
 check; exits 1 with the failures listed.
@@ -31,10 +34,13 @@ import keras  # noqa: E402
 
 import vit_keras  # noqa: E402
 from conftest import CASES, Case  # noqa: E402
+from test_bfloat16 import check_against, logit_bound  # noqa: E402
 from vit_keras import visualize  # noqa: E402
 
 # Files from another backend: the hybrid and the class-token-free ViT (each read costs a compile on JAX).
 READ_CASES = ("tiny_r50", "tiny_vit_gap")
+# bfloat16 copies: the plain ViT and the hybrid (GroupNorm, weight standardisation); each costs JAX compiles.
+BFLOAT16_CASES = ("tiny_vit", "tiny_r50")
 LOGITS_ATOL, ATTENTION_ATOL, ROLLOUT_ATOL = 2e-5, 1e-5, 1e-5
 failures = []
 
@@ -81,6 +87,19 @@ def check_model(model, case, what):
     return weights
 
 
+def check_bfloat16(model, case, what):
+    """A bfloat16 model (or `inference_copy`) against the fixture's float32 logits, within test_bfloat16's bounds."""
+    # JAX: one compiled program (an eager call compiles op by op, tens of seconds); elsewhere a call is quicker.
+    logits = model.predict(case.images, verbose=0) if BACKEND == "jax" else \
+        keras.ops.convert_to_numpy(model(case.images, training=False))
+    expected = case.expected["logits"]
+    try:
+        dlogit, dprob, _ = check_against(logits, expected, logit_bound(model, expected), what)
+        print(f"{BACKEND} {what}: bfloat16 logits off by {dlogit:.2e}, probabilities by {dprob:.2e}")
+    except AssertionError as e:
+        failures.append(str(e))
+
+
 def main(out, reads):
     if keras.backend.backend() != BACKEND:
         raise SystemExit(f"Keras runs on {keras.backend.backend()}, not KERAS_BACKEND={BACKEND}.")
@@ -96,6 +115,11 @@ def main(out, reads):
         check(f"{name} rollout_grid", visualize.rollout_grid(weights, grid),
               numpy_grid(numpy_rollout(expected), grid), ROLLOUT_ATOL)
         model.save(out / f"{name}.keras")
+        if name in BFLOAT16_CASES:
+            copy = vit_keras.inference_copy(model)
+            check_bfloat16(copy, case, f"{name} inference_copy")
+            if name == "tiny_r50":
+                copy.save(out / f"{name}_bf16.keras")
         if name == "tiny_r50":  # the other ways in, on one case: load_npz, and a reload here
             fresh = vit_keras.build_model(**case.config())
             vit_keras.load_npz(fresh, str(case.params))
@@ -111,6 +135,12 @@ def main(out, reads):
                 continue
             model = keras.saving.load_model(path, safe_mode=True)
             check_model(model, Case(name), f"{name} .keras from {pathlib.Path(folder).name}")
+        path = pathlib.Path(folder) / "tiny_r50_bf16.keras"
+        if not path.exists():
+            failures.append(f"{path} is missing")
+            continue
+        check_bfloat16(keras.saving.load_model(path, safe_mode=True), Case("tiny_r50"),
+                       f"tiny_r50 bfloat16 .keras from {pathlib.Path(folder).name}")
     if BACKEND != "tensorflow":
         loaded = no_tensorflow.imported()
         if loaded:

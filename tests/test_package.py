@@ -13,7 +13,7 @@ PACKAGE = ROOT / "vit_keras"
 # Name -> config -> model -> (train | evaluate | serve): each module may import (at module
 # level) only modules of earlier levels. Functions import later ones lazily where they must.
 LEVELS = [
-    {"preprocessing", "presets", "files", "download", "console"},
+    {"preprocessing", "presets", "files", "download", "console", "precision"},
     {"layers", "optimizers"},
     {"checkpoint", "sources"},
     {"model", "utils", "reshape"},

@@ -220,6 +220,9 @@ def parser():
                                "and dense layers in int8, the rest float32: faster on CPU)")
     export_p.add_argument("--batch-size", type=_positive, default=None,
                           help="images per Keras call and interpreter run in the TFLite parity table (default 16)")
+    export_p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                          help="saved_model: bfloat16 weights and compute (fast with AVX512_BF16/AMX); onnx: bfloat16 "
+                               "weights, float32 compute; float32 outputs either way (tflite: float32 only)")
     attn_p = sub.add_parser("attention", help="PNG heat maps of where the model attends")
     attn_p.add_argument("images", nargs="+")
     attn_p.add_argument("--model", required=True, help="a .keras file")
@@ -273,7 +276,7 @@ def main(argv=None):
         elif args.command == "export":
             run_export(args.model, args.format, args.out, dataset=args.dataset, name=args.name,
                        version=args.version, variants=args.variants, overwrite=args.overwrite,
-                       batch_size=args.batch_size, strict_int8=args.strict_int8)
+                       batch_size=args.batch_size, strict_int8=args.strict_int8, precision=args.precision)
         elif args.command == "evaluate":
             run_evaluate(args)
         elif args.command == "attention":

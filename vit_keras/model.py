@@ -368,7 +368,8 @@ def folded_weights(model):
     for variable in model.weights:
         value = np.asarray(variable)
         if id(variable) in kernels:
-            value = np.asarray(standardize_kernel(value.astype("float32"), kernels[id(variable)]), "float32")
+            kernel = keras.ops.convert_to_tensor(value.astype("float32"))  # a tensor: NumPy - torch fails
+            value = keras.ops.convert_to_numpy(standardize_kernel(kernel, kernels[id(variable)])).astype("float32")
         yield value
 
 

@@ -16,6 +16,8 @@ accumulates bfloat16 in float32).
 DTYPES = ("float32", "mixed_bfloat16", "bfloat16")
 # What `inference_copy` makes: weights stored once in this dtype.
 INFERENCE_DTYPES = ("bfloat16", "float32")
+# `vit-keras export --precision` (SavedModel and ONNX; TFLite has variants of its own).
+EXPORT_PRECISIONS = ("float32", "bfloat16")
 
 
 def check_dtype(dtype, allowed=DTYPES, what="dtype"):

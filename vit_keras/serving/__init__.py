@@ -34,7 +34,7 @@ def recorded_dataset(model_path):
 
 
 def export(model, format, out, *, dataset=None, name=None, version=1, variants=None, overwrite=False,
-           calibration=200, parity=400, batch_size=None, strict_int8=False):
+           calibration=200, parity=400, batch_size=None, strict_int8=False, precision="float32"):
     """Exports a model or `.keras` file as `format`; the one function behind `vit-keras export`.
 
     - "saved_model": TF Serving's layout `out/<name>/<version>/`
@@ -46,6 +46,12 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
       float32 (faster than `dynamic_int8` on CPU); `strict_int8` quantises
       every op (for integer-only accelerators; several times slower on CPU).
     - "onnx": `out/model.onnx` (`onnx.export_onnx`).
+
+    `precision="bfloat16"` (SavedModel and ONNX): the SavedModel serves the
+    model's bfloat16 `inference_copy`; the ONNX file stores its weights in
+    bfloat16 and computes in float32 (ONNX Runtime's CPU provider has no
+    bfloat16 kernels). Same inputs, float32 outputs. TFLite refuses it: its
+    smaller variants are float16, dynamic_int8 and int8.
 
     `dataset` defaults to the one in `metrics.json` beside a `.keras` file.
     `overwrite` replaces only an earlier export, never the folder that holds
@@ -61,6 +67,7 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
 
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; use one of {FORMATS}.")
+    _check_precision(format, precision)
     if format == "saved_model":  # before the model is loaded
         folders._check_name_and_version(name or "model", version)
     keep = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
@@ -70,11 +77,21 @@ def export(model, format, out, *, dataset=None, name=None, version=1, variants=N
         raise ValueError("TFLite export needs a dataset (--dataset) for calibration and the parity check.")
     with files.lock_beside(out, f"the export folder {out}"):  # one export at a time into `out`
         return _export(model, format, out, dataset, name, version, variants, overwrite, calibration, parity,
-                       batch_size, strict_int8, keep)
+                       batch_size, strict_int8, keep, precision)
+
+
+def _check_precision(format, precision):
+    """ValueError for a precision the format cannot take (TFLite has no bfloat16 kernels)."""
+    from vit_keras.precision import EXPORT_PRECISIONS, check_dtype
+
+    check_dtype(precision, EXPORT_PRECISIONS, "precision")
+    if format == "tflite" and precision != "float32":
+        raise ValueError(f"TFLite has no {precision} kernels: --precision {precision} is for saved_model and onnx; "
+                         "TFLite's smaller variants are --variants float16 dynamic_int8 int8.")
 
 
 def _export(model, format, out, dataset, name, version, variants, overwrite, calibration, parity, batch_size,
-            strict_int8, keep):
+            strict_int8, keep, precision="float32"):
     from vit_keras import data, files, finetune
     from vit_keras.serving import tflite
 
@@ -87,11 +104,11 @@ def _export(model, format, out, dataset, name, version, variants, overwrite, cal
             from vit_keras.serving.saved_model import export_saved_model
 
             return {"path": export_saved_model(net, out, name=name or net.name, version=version,
-                                               overwrite=overwrite, keep=keep)}
+                                               overwrite=overwrite, keep=keep, precision=precision)}
         if format == "onnx":
             from vit_keras.serving.onnx import export_onnx
 
-            return {"path": export_onnx(net, out, overwrite=overwrite, keep=keep)}
+            return {"path": export_onnx(net, out, overwrite=overwrite, keep=keep, precision=precision)}
         splits = data.load(dataset)
         size = net.input_shape[1:3]
         calib, _ = data.pixels(splits.train, size, calibration)

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from vit_keras import console
 from vit_keras.model import float32_copy, fold_weight_standardization
+from vit_keras.precision import EXPORT_PRECISIONS, check_dtype
 from vit_keras.predict import BATCH_SIZE, label_names, probabilities
 from vit_keras.serving.folders import _atomic_dir, _check_target
 
@@ -142,6 +143,42 @@ def _convert(model, opset):
     return proto, storage
 
 
+def _bfloat16_weights(proto, storage):
+    """Stores every float32 weight (initializers of more than one value) in bfloat16, with a Cast back to float32.
+
+    ONNX Runtime's CPU provider has no bfloat16 Conv or MatMul kernels (a graph
+    that computes in bfloat16 does not load), so the file keeps the weights in
+    bfloat16, half the bytes, and computes in float32. Scalars (the pixel
+    scaling, epsilons) stay float32. Weights in `storage` (external data) are
+    rounded there.
+    """
+    import ml_dtypes
+    from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+    inputs = {value.name for value in proto.graph.input}
+    casts = []
+    for tensor in proto.graph.initializer:
+        if tensor.data_type != TensorProto.FLOAT or int(np.prod(tensor.dims)) <= 1 or tensor.name in inputs:
+            continue
+        if external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}["location"]
+            values = np.frombuffer(storage.name_to_tensor_data[location], "<f4")
+        else:
+            values = numpy_helper.to_array(tensor)
+        rounded = np.asarray(values, "float32").astype(ml_dtypes.bfloat16).view("<u2").tobytes()  # nearest, ties even
+        if external_data_helper.uses_external_data(tensor):
+            storage.name_to_tensor_data[location] = rounded
+        else:
+            tensor.ClearField("float_data")
+            tensor.raw_data = rounded
+        tensor.data_type = TensorProto.BFLOAT16
+        name, tensor.name = tensor.name, f"{tensor.name}__bfloat16"
+        casts.append(helper.make_node("Cast", [tensor.name], [name], to=TensorProto.FLOAT, name=f"{name}__to_float32"))
+    nodes = casts + list(proto.graph.node)  # the casts first: the nodes stay in topological order
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
 def _describe(proto, names, height, width):
     """Names the batch dimension, and records what the file expects and the class names."""
     for value in (proto.graph.input[0], proto.graph.output[0]):
@@ -233,7 +270,8 @@ def _check_opset_written(proto, opset):
         raise ValueError(f"tf2onnx wrote opsets {written}, not the requested {opset}.")
 
 
-def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite=False, keep=()):
+def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite=False, keep=(),
+                precision="float32"):
     """Writes `model.onnx` and `class_names.json` into the export folder `out_dir`, atomically.
 
     The ONNX file (opset `opset`, at least 17) takes `images`, float32
@@ -243,7 +281,11 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
     copy of the model with the hybrid's weight standardisation folded into its
     kernels (`fold_weight_standardization`). Models with over 1.5 GiB of
     weights (ViT-H/14) keep them in `model.onnx.data` beside the file (ONNX
-    external data; load the file from its folder). The file's metadata holds
+    external data; load the file from its folder). With
+    `precision="bfloat16"` the weights are stored in bfloat16 (half the file)
+    and cast to float32 in the graph: ONNX Runtime's CPU provider has no
+    bfloat16 Conv or MatMul kernels, so it computes in float32 with the
+    rounded weights (same inputs and outputs). The file's metadata holds
     the class names (`class_names`) too. tf2onnx holds several copies of the
     weights while it converts (peak memory: `benchmarks/RESULTS.md`).
 
@@ -254,6 +296,7 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
     Returns:
         The path of `model.onnx` in `out_dir`.
     """
+    check_dtype(precision, EXPORT_PRECISIONS, "precision")
     _, onnx = _import("tf2onnx", "onnx")
     _check_opset(opset)
     _check_target(out_dir, overwrite, keep)  # before the slow part
@@ -268,7 +311,11 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
         del model
         gc.collect()
         _check_opset_written(proto, opset)
+        if precision == "bfloat16":
+            _bfloat16_weights(proto, storage)
         _describe(proto, names, height, width)
+        if precision == "bfloat16":
+            proto.doc_string += "; weights stored in bfloat16, computed in float32"
         bar.update(1, note="writing")
         path = os.path.join(tmp, ONNX_FILE)
         if external:

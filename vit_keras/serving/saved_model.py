@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from vit_keras import console
 from vit_keras.model import attention_model, float32_copy, fold_weight_standardization
+from vit_keras.precision import EXPORT_PRECISIONS, check_dtype, inference_copy
 from vit_keras.predict import label_names, probabilities
 from vit_keras.preprocessing import preprocess_inputs
 from vit_keras.serving.folders import _atomic_dir, _check_name_and_version, _check_target
@@ -16,7 +17,7 @@ from vit_keras.serving.warmup import write_warmup
 
 
 def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_names=None,
-                       max_pixels=MAX_PIXELS, overwrite=False, keep=()):
+                       max_pixels=MAX_PIXELS, overwrite=False, keep=(), precision="float32"):
     """Writes a SavedModel in TF Serving's layout, `out_dir/<name>/<version>/`.
 
     Signatures (tensor names are stable and documented in export/README.md):
@@ -32,16 +33,25 @@ def export_saved_model(model, out_dir, name=None, version=1, top_k=5, class_name
     with INVALID_ARGUMENT. `overwrite` replaces only an earlier export (see
     `_atomic_dir`), never a folder holding a path in `keep`.
 
+    `precision="bfloat16"` serves the model's `inference_copy`: weights stored
+    in bfloat16, matmuls and convolutions in bfloat16 (fast where the CPU has
+    AVX512_BF16 or AMX), with the same signatures: the same inputs, float32
+    outputs. Default "float32".
+
     Returns:
         The path of the version folder.
     """
     from vit_keras import visualize
 
+    check_dtype(precision, EXPORT_PRECISIONS, "precision")
     name = name or model.name
     _check_name_and_version(name, version)
     final = os.path.join(out_dir, name, str(version))
     _check_target(final, overwrite, keep)  # before the slow part
-    model = fold_weight_standardization(float32_copy(model))
+    if precision == "bfloat16":
+        model = inference_copy(model, "bfloat16")
+    else:
+        model = fold_weight_standardization(float32_copy(model))
     names = label_names(model, class_names)
     k = min(top_k, len(names))
     height, width = model.input_shape[1:3]
