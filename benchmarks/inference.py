@@ -2,7 +2,8 @@
 
     make bench                      # installs what it needs, then runs this script
     python benchmarks/inference.py [--models vit_r50_b16 vit_b16] [--batches 1 8]
-                                   [--rounds 3] [--baseline GIT_REF]
+                                   [--rounds 3] [--baseline GIT_REF] [--engines ...]
+    python benchmarks/inference.py --engines vit_keras vit_keras-f32 timm vit_keras-mixed vit_keras-bf16 timm-bf16
 
 Engines, each in a fresh process so that its peak resident memory is its own,
 and strictly alternating: every round runs each engine once for a given model
@@ -17,6 +18,12 @@ and batch, and the table reports the median over rounds.
   in the LiteRT interpreter with all cores; this process does not import TensorFlow.
 - `vit_keras@REF` (with `--baseline REF`): the package as it was at git REF,
   for before/after figures from one run.
+- `vit_keras-f32`, `vit_keras-bf16` (`-xla`: under `jit_compile=True`): the serving path,
+  `vit_keras.inference_copy(model, dtype)` of the float32 model (ResNet kernels standardised once;
+  bfloat16: weights stored once in bfloat16), the original let go before timing.
+- `vit_keras-mixed`: the model built under the `mixed_bfloat16` policy (weights cast on every call).
+- `timm-bf16`: timm under `torch.autocast("cpu", torch.bfloat16)`; the bfloat16 engines'
+  `x timm` is against this row. `BF16_ENGINES` lists the float32-and-bfloat16 set for one run.
 - `timm`: timm's `vit_base_r50_s16_224` / `vit_base_patch16_224` on PyTorch CPU,
   eager under `torch.inference_mode()` (the `bench` extra).
 - `vit-keras-0.2`: the older `vit-keras` package's `vit_b16` (no hybrid there),
