@@ -53,3 +53,27 @@ def table(rows, columns):
     out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line([r.get(c, "") for c in columns]) for r in rows]
     return "\n".join(out)
+
+
+BF16_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info():
+    """'CPU model; flags: ...' from /proc/cpuinfo (the flags that decide bfloat16/int8 speed), or the platform."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    have = [f for f in BF16_FLAGS if f in flags]
+    return f"{model}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + ' '.join(BF16_FLAGS)}"
+
+
+def load_average():
+    """The 1-minute load average (other processes on a shared machine), or None."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None

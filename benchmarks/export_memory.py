@@ -9,7 +9,8 @@ as `.keras` once (in a subprocess), and then exported by the real command,
     vit-keras export --model M.keras --format F --out OUT --dataset digits
 
 run as a subprocess under `/usr/bin/time -v` ("Maximum resident set size"; falls back to
-`resource.getrusage(RUSAGE_CHILDREN)`). A watchdog samples the command's process tree every
+`resource.getrusage(RUSAGE_CHILDREN)`); an ONNX export is then checked against Keras on 4 random
+images (max |p_onnx - p_keras|, in a process of its own). A watchdog samples the command's process tree every
 0.2 s and kills it above `--kill-above-gb`, so a run that would take the machine down (the
 parity table of issue 16 went past 21 GB) is reported as killed instead. Full-size runs take
 minutes each (the int8 calibration of R50+ViT-B/16 on 200 images alone ~25 min on 2 cores);
@@ -40,6 +41,21 @@ model = vit_keras.BUILDERS[name](image_size=size, classes=10, pretrained=False)
 head = model.get_layer("head")  # zero-initialised: give it weights so the classes differ
 head.kernel.assign(np.random.default_rng(0).normal(0, 0.05, head.kernel.shape).astype("float32"))
 model.save(path)
+"""
+
+# The ONNX file against Keras on the same random pixels (a separate process, after the measured export).
+ONNX_PARITY = """
+import sys
+import numpy as np
+import keras
+import vit_keras
+from vit_keras.predict import batched_probabilities
+from vit_keras.serving.onnx import onnx_predict
+model = keras.saving.load_model(sys.argv[1])
+size = model.input_shape[1]
+pixels = np.random.default_rng(0).uniform(0, 255, (4, size, size, 3)).astype("float32")
+diff = np.abs(onnx_predict(sys.argv[2], pixels) - batched_probabilities(model, pixels)).max()
+print(f"max |p_onnx - p_keras| = {diff:.1e}")
 """
 
 
@@ -140,6 +156,11 @@ def main():
                           "ok" if rc == 0 else f"rc {rc}")
                 if rc == 0 and fmt == "tflite":
                     result += ", parity table printed" if "top-1 agree" in stdout else ", no parity table"
+                if rc == 0 and fmt == "onnx":
+                    check = subprocess.run([args.python, "-c", ONNX_PARITY, model_path, out], env=env,
+                                           capture_output=True, text=True)
+                    lines = (check.stdout or check.stderr).strip().splitlines()
+                    result += ", " + (lines[-1] if lines else f"parity check rc {check.returncode}")
                 rows.append({"model": name, "size": size, "format": fmt, "peak RSS GB": f"{peak / 2**30:.2f}",
                              "wall s": f"{wall:.0f}", "result": result})
                 print(table(rows[-1:], list(rows[-1])), flush=True)

@@ -2,7 +2,8 @@
 
     make bench                      # installs what it needs, then runs this script
     python benchmarks/inference.py [--models vit_r50_b16 vit_b16] [--batches 1 8]
-                                   [--rounds 3] [--baseline GIT_REF]
+                                   [--rounds 3] [--baseline GIT_REF] [--engines ...]
+    python benchmarks/inference.py --engines vit_keras vit_keras-f32 timm vit_keras-mixed vit_keras-bf16 timm-bf16
 
 Engines, each in a fresh process so that its peak resident memory is its own,
 and strictly alternating: every round runs each engine once for a given model
@@ -17,6 +18,12 @@ and batch, and the table reports the median over rounds.
   in the LiteRT interpreter with all cores; this process does not import TensorFlow.
 - `vit_keras@REF` (with `--baseline REF`): the package as it was at git REF,
   for before/after figures from one run.
+- `vit_keras-f32`, `vit_keras-bf16` (`-xla`: under `jit_compile=True`): the serving path,
+  `vit_keras.inference_copy(model, dtype)` of the float32 model (ResNet kernels standardised once;
+  bfloat16: weights stored once in bfloat16), the original let go before timing.
+- `vit_keras-mixed`: the model built under the `mixed_bfloat16` policy (weights cast on every call).
+- `timm-bf16`: timm under `torch.autocast("cpu", torch.bfloat16)`; the bfloat16 engines'
+  `x timm` is against this row. `BF16_ENGINES` lists the float32-and-bfloat16 set for one run.
 - `timm`: timm's `vit_base_r50_s16_224` / `vit_base_patch16_224` on PyTorch CPU,
   eager under `torch.inference_mode()` (the `bench` extra).
 - `vit-keras-0.2`: the older `vit-keras` package's `vit_b16` (no hybrid there),
@@ -30,6 +37,7 @@ stay float32).
 """
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -38,7 +46,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GFLOPS_224, machine, matmul_gflops, table, timed
+from common import GFLOPS_224, cpu_info, load_average, machine, matmul_gflops, table, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(ROOT, ".bench")
@@ -47,6 +55,10 @@ TIMM = {"vit_r50_b16": "vit_base_r50_s16_224", "vit_b16": "vit_base_patch16_224"
 OLD_BUILDERS = {"vit_b16": "vit_b16"}
 HYBRIDS = {"vit_r50_b16"}
 ENGINES = ["vit_keras", "vit_keras-folded", "vit_keras-xla", "vit_keras-tflite", "timm", "vit-keras-0.2"]
+# float32 and bfloat16 side by side, one run (`--engines` picks; `--precision` is then ignored for these):
+# the old paths (`vit_keras`, `vit_keras-mixed`), the inference copies, timm in both precisions.
+BF16_ENGINES = ["vit_keras", "vit_keras-f32", "vit_keras-f32-xla", "timm", "vit_keras-mixed", "vit_keras-bf16",
+                "vit_keras-bf16-xla", "timm-bf16"]
 
 
 def _tflite_path(name, size):
@@ -107,13 +119,16 @@ def make_fn(engine, name, batch, size, precision="float32"):
         if ref_dir and not vit_keras.__file__.startswith(ref_dir):
             raise ImportError(f"imported {vit_keras.__file__}, not the package at {ref_dir}")
 
-        if precision == "bfloat16":
+        if precision == "bfloat16" or engine == "vit_keras-mixed":
             keras.mixed_precision.set_global_policy("mixed_bfloat16")
         model = vit_keras.BUILDERS[name](image_size=size, classes=1000, pretrained=False)
         if engine in ("vit_keras-folded", "vit_keras-xla"):
             model = vit_keras.fold_weight_standardization(model)
-        return _keras_fn(model, x, jit_compile=engine == "vit_keras-xla")
-    if engine == "timm":
+        if engine.startswith(("vit_keras-f32", "vit_keras-bf16")):  # the inference copy; the original let go
+            model = vit_keras.inference_copy(model, "float32" if engine.startswith("vit_keras-f32") else "bfloat16")
+            gc.collect()
+        return _keras_fn(model, x, jit_compile=engine.endswith("-xla"))
+    if engine in ("timm", "timm-bf16"):
         import timm
         import torch
 
@@ -124,7 +139,8 @@ def make_fn(engine, name, batch, size, precision="float32"):
         xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
 
         def fn():
-            with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=precision == "bfloat16"):
+            with torch.inference_mode(), torch.autocast(device, torch.bfloat16,
+                                                              enabled=precision == "bfloat16" or engine == "timm-bf16"):
                 model(xt)[0, 0].item()  # waits for the device
 
         return fn
@@ -145,14 +161,14 @@ def make_fn(engine, name, batch, size, precision="float32"):
     raise ValueError(f"unknown engine {engine}")
 
 
-def torch_matmul_gflops(n=2048):
-    """PyTorch's own float32 matmul rate on this machine, for the timm rows' context."""
+def torch_matmul_gflops(n=2048, dtype="float32"):
+    """PyTorch's own matmul rate on this machine, for the timm rows' context."""
     import time
 
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(2):
         a @ b
     t = time.perf_counter()
@@ -167,7 +183,7 @@ def child(args):
         prepare_tflite(name, args.image_size)
         result = {}
     elif engine == "torch-matmul":
-        result = {"gflops": torch_matmul_gflops()}
+        result = {"gflops": torch_matmul_gflops(), "bf16 gflops": torch_matmul_gflops(dtype="bfloat16")}
     else:
         fn = make_fn(engine, name, int(batch), args.image_size, args.precision)
         seconds = timed(fn, warmup=2, repeats=5, min_seconds=2.0)
@@ -215,8 +231,11 @@ def main():
     if args.baseline:
         unpack_ref(args.baseline)
         engines.insert(1, f"vit_keras@{args.baseline}")
+    loads = [load_average()]
     ceiling = matmul_gflops()
-    torch_rate = spawn(args.image_size, args.precision, "torch-matmul", "-", 0).get("gflops")
+    bf16_rate = matmul_gflops(dtype="bfloat16")
+    torch_rates = spawn(args.image_size, args.precision, "torch-matmul", "-", 0)
+    torch_rate = torch_rates.get("gflops")
     rows = []
     for name in args.models:
         flops = GFLOPS_224[name] * (args.image_size / 224) ** 2
@@ -231,9 +250,11 @@ def main():
             for r in range(args.rounds):
                 for engine in active:  # strictly alternating
                     results[engine].append(spawn(args.image_size, args.precision, engine, name, batch))
+                    loads.append(load_average())
                     print(r, name, batch, engine, results[engine][-1], flush=True)
             speeds = {e: [x["images/s"] for x in v if "images/s" in x] for e, v in results.items()}
             timm = statistics.median(speeds["timm"]) if speeds.get("timm") else None
+            timm_bf16 = statistics.median(speeds["timm-bf16"]) if speeds.get("timm-bf16") else None
             for engine, runs in results.items():
                 row = {"model": name, "batch": batch, "engine": engine}
                 if not speeds[engine]:
@@ -243,9 +264,18 @@ def main():
                     row.update({"images/s": f"{ips:.2f}",
                                 "peak MB": f"{max(x['peak MB'] for x in runs if 'peak MB' in x):.0f}",
                                 "of ceiling": f"{ips * flops / ceiling:.0%}"})
-                    if timm:
+                    bf16 = engine in BF16_ENGINES[4:] or args.precision == "bfloat16"
+                    if bf16 and timm_bf16:  # bfloat16 rows against timm's autocast row
+                        row["x timm"] = f"{ips / timm_bf16:.2f} (bf16)"
+                    elif timm:
                         row["x timm"] = f"{ips / timm:.2f}"
                 rows.append(row)
+    loads = [x for x in loads if x is not None]
+    print(f"\nCPU: {cpu_info()}. Matmul 2048x2048, GFLOP/s: TensorFlow float32 {ceiling:.0f}, bfloat16 "
+          f"{bf16_rate:.0f}; PyTorch float32 {torch_rate or 0:.0f}, "
+          f"bfloat16 {torch_rates.get('bf16 gflops') or 0:.0f}. "
+          + (f"1-min load average during the run: {min(loads):.1f}-{max(loads):.1f} "
+             f"(median {statistics.median(loads):.1f}) on {os.cpu_count()} cores." if loads else ""))
     print(f"\nInference at {args.image_size}x{args.image_size}, {args.precision}, on {machine()}; "
           f"median of {args.rounds} alternating rounds, each a fresh process.\n"
           f"float32 matmul ceiling (TensorFlow, 2048x2048): {ceiling:.0f} GFLOP/s; PyTorch's own: "

@@ -321,8 +321,31 @@ def copy_model(model, edit_config, weights=None):
         return config
 
     copy = model.__class__.from_config(walk(model.get_config()))
-    copy.set_weights(model.get_weights() if weights is None else weights)
+    # One variable at a time (`weights` may be a generator): no second full copy of the weights in memory.
+    for target, value in zip(copy.weights, model.weights if weights is None else weights, strict=True):
+        target.assign(value)
     return copy
+
+
+def _prestandardize(config):
+    """A config dict with the hybrid's layers marked as holding standardised kernels."""
+    if config.get("class_name") in ("Embeddings", "ResNet", "ResNetStage", "ResNetUnit", "StdConv2D"):
+        return {**config, "config": {**config["config"], "prestandardized": True}}
+    return config
+
+
+def folded_weights(model):
+    """`model.weights` as float32 numpy, one at a time, the ResNet kernels standardised (for a
+    `_prestandardize`d copy; as they are where the model's kernels already are)."""
+    resnet = _resnet(model)
+    kernels = {} if resnet is None or resnet.prestandardized else {
+        id(conv.kernel): conv.ws_epsilon for conv in resnet.convs()}
+    for variable in model.weights:
+        value = np.asarray(variable)
+        if id(variable) in kernels:
+            kernel = keras.ops.convert_to_tensor(value.astype("float32"))  # a tensor: NumPy - torch fails
+            value = keras.ops.convert_to_numpy(standardize_kernel(kernel, kernels[id(variable)])).astype("float32")
+        yield value
 
 
 def _policy_names(config):
@@ -348,7 +371,7 @@ def float32_copy(model):
             return {**config, "config": {**config["config"], "name": "float32"}}
         return config
 
-    return copy_model(model, as_float32, [np.asarray(w, "float32") for w in model.get_weights()])
+    return copy_model(model, as_float32, (np.asarray(w, "float32") for w in model.weights))
 
 
 def fold_weight_standardization(model):
@@ -378,16 +401,7 @@ def fold_weight_standardization(model):
     if resnet is None or resnet.prestandardized:
         return model
 
-    def prestandardize(config):
-        if config.get("class_name") in ("Embeddings", "ResNet", "ResNetStage", "ResNetUnit", "StdConv2D"):
-            return {**config, "config": {**config["config"], "prestandardized": True}}
-        return config
-
-    copy = copy_model(model, prestandardize)
-    for conv in _resnet(copy).convs():
-        kernel = keras.ops.convert_to_tensor(np.asarray(conv.kernel, "float32"))  # a tensor: NumPy - torch fails
-        conv.kernel.assign(keras.ops.cast(standardize_kernel(kernel, conv.ws_epsilon), conv.kernel.dtype))
-    return copy
+    return copy_model(model, _prestandardize, folded_weights(model))
 
 
 def _resnet(model):

@@ -15,7 +15,9 @@ accumulates bfloat16 in float32).
 # What `create`, the builders and `build_model` take as `dtype`.
 DTYPES = ("float32", "mixed_bfloat16", "bfloat16")
 # What `inference_copy` makes: weights stored once in this dtype.
-INFERENCE_DTYPES = ("bfloat16", "float32")
+INFERENCE_DTYPES = ("bfloat16", "float32", "auto")
+# CPU flags (Linux /proc/cpuinfo) with native bfloat16 matmuls; without them oneDNN emulates bfloat16.
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # `vit-keras export --precision` (SavedModel and ONNX; TFLite has variants of its own).
 EXPORT_PRECISIONS = ("float32", "bfloat16")
 
@@ -61,7 +63,9 @@ def inference_copy(model, dtype="bfloat16"):
     Args:
         model: keras.Model. A model of this package (trained, fine-tuned or
             loaded from `.keras`), in any precision.
-        dtype: str. "bfloat16" or "float32". Defaults to "bfloat16".
+        dtype: str. "bfloat16", "float32", or "auto": bfloat16 where this CPU
+            has AVX512-BF16 or AMX, else float32 (`fast_inference_dtype`).
+            Defaults to "bfloat16".
 
     Example:
     >>> import vit_keras, keras
@@ -79,17 +83,23 @@ def inference_copy(model, dtype="bfloat16"):
     check_dtype(dtype, INFERENCE_DTYPES)
     if not isinstance(model, keras.Model):
         raise ValueError(f"inference_copy takes a keras.Model, got {type(model).__name__}.")
-    source = vit_model.fold_weight_standardization(model)  # in float32, from the original's kernels
+    if dtype == "auto":
+        dtype = fast_inference_dtype()
+    # The kernels standardised in float32 from the original's, one weight at a time (no float32 folded copy).
+    weights = (_float32(w) for w in vit_model.folded_weights(model))
+    resnet = vit_model._resnet(model)
+    fold = resnet is not None and not resnet.prestandardized
 
     def edit(config):
+        if fold:
+            config = vit_model._prestandardize(config)
         if config.get("class_name") == "DTypePolicy":
             return _policy(config, dtype)
         if _is_head(config) and isinstance(config.get("config", {}).get("dtype"), dict):  # logits stay float32
             return {**config, "config": {**config["config"], "dtype": _policy(config["config"]["dtype"], "float32")}}
         return config
 
-    weights = [_float32(w) for w in source.get_weights()]
-    copy = vit_model.copy_model(source, edit, weights)
+    copy = vit_model.copy_model(model, edit, weights)
     if all(keras.backend.standardize_dtype(t.dtype) == "float32" for t in copy.outputs):
         return copy
     names = ["float32_output"] if len(copy.outputs) == 1 else [f"float32_output_{i}" for i in range(len(copy.outputs))]
@@ -105,3 +115,26 @@ def _float32(weight):
 
     weight = np.asarray(weight)
     return weight.astype("float32") if weight.dtype.kind == "f" or weight.dtype.name == "bfloat16" else weight
+
+
+def bfloat16_cpu(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; Linux's `/proc/cpuinfo` flags).
+
+    False where the flags cannot be read (not Linux): oneDNN would emulate
+    bfloat16 there, slower than float32.
+    """
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def fast_inference_dtype(cpuinfo="/proc/cpuinfo"):
+    """`inference_copy(dtype="auto")`'s choice: "bfloat16" on a CPU with AVX512-BF16 or AMX, else "float32".
+
+    On those CPUs the bfloat16 copy is the faster one (`benchmarks/RESULTS.md`);
+    elsewhere bfloat16 is emulated and float32 is kept.
+    """
+    return "bfloat16" if bfloat16_cpu(cpuinfo) else "float32"

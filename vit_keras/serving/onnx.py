@@ -80,6 +80,28 @@ def _numpy2_compat():
 
 
 @contextlib.contextmanager
+def _fresh_node_protos():
+    """tf2onnx refills each node's NodeProto after every optimiser pass; protobuf (upb) keeps the removed
+    attributes in the message's arena, so every pass kept another copy of every weight (R50+ViT-B/16:
+    17 GB). A new NodeProto per refill lets the old one, and its arena, go."""
+    from tf2onnx import graph
+
+    (onnx,) = _import("onnx")
+    original = graph.Node.update_proto
+
+    def update_proto(node, external_tensor_storage=None):
+        old = node._op
+        node._op = onnx.NodeProto(name=old.name, op_type=old.op_type, domain=old.domain, doc_string=old.doc_string)
+        original(node, external_tensor_storage)
+
+    graph.Node.update_proto = update_proto
+    try:
+        yield
+    finally:
+        graph.Node.update_proto = original
+
+
+@contextlib.contextmanager
 def _quiet_tf2onnx():
     """tf2onnx logs each conversion step at INFO; keep its warnings and errors only."""
     logger = logging.getLogger("tf2onnx")
@@ -95,8 +117,16 @@ def _weight_bytes(model):
     return 4 * sum(int(np.prod(w.shape)) for w in model.weights)
 
 
-def _convert(model, opset, external):
-    """tf2onnx conversion of pixels -> probabilities; returns (ModelProto, external tensor storage)."""
+def _convert(model, opset):
+    """tf2onnx conversion of pixels -> probabilities; returns (ModelProto, external tensor storage).
+
+    Always tf2onnx's large-model path, whatever the model's size: it freezes the
+    variables into a GraphDef without grappler's copy of it, keeps the weights
+    out of the graph while converting, and runs the ONNX optimiser in place
+    (the default path deep-copies the whole graph before each of its passes):
+    R50+ViT-B/16 peaks at ~3 GB instead of 9.7 (`benchmarks/RESULTS.md`).
+    Every tensor over 1,000 bytes is left in the storage; `_write` places it.
+    """
     tf2onnx, _ = _import("tf2onnx", "onnx")
     height, width = model.input_shape[1:3]
     spec = [tf.TensorSpec([None, height, width, 3], tf.float32, name="images")]
@@ -105,9 +135,9 @@ def _convert(model, opset, external):
     def predict_images(images):
         return {"probabilities": probabilities(model, images)}
 
-    with _quiet_tf2onnx(), _numpy2_compat():
+    with _quiet_tf2onnx(), _numpy2_compat(), _fresh_node_protos():
         proto, storage = tf2onnx.convert.from_function(predict_images, input_signature=spec, opset=opset,
-                                                       large_model=external)
+                                                       large_model=True)
     del predict_images
     gc.collect()
     return proto, storage
@@ -163,6 +193,51 @@ def _describe(proto, names, height, width):
     entry.key, entry.value = "class_names", json.dumps(names)
 
 
+def _inline(tensor, storage):
+    """Puts a tensor held in tf2onnx's external `storage` back into its TensorProto."""
+    (onnx,) = _import("onnx")
+
+    location = {e.key: e.value for e in tensor.external_data}["location"]
+    tensor.raw_data = storage.name_to_tensor_data.pop(location)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _write_one_file(proto, storage, path):
+    """Writes the ModelProto to `path` with the tensors held in `storage` inside the one file.
+
+    Never the whole model in memory once more: protobuf merges repeated
+    occurrences of a message field, so the model goes out without its big
+    initializers, and each of them follows as a record of its own,
+    `ModelProto(graph=GraphProto(initializer=[tensor]))`, made from its bytes
+    in `storage` and let go before the next.
+    """
+    (onnx,) = _import("onnx")
+    from onnx import external_data_helper
+
+    graph = proto.graph
+    moved = [i for i, t in enumerate(graph.initializer) if external_data_helper.uses_external_data(t)]
+    records = []
+    for i in moved:
+        t = graph.initializer[i]
+        records.append((t.name, list(t.dims), t.data_type, {e.key: e.value for e in t.external_data}["location"]))
+    for i in reversed(moved):
+        del graph.initializer[i]
+    for tensor in external_data_helper._get_all_tensors(proto):  # attributes, if any: small
+        if external_data_helper.uses_external_data(tensor):
+            _inline(tensor, storage)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        for name, dims, data_type, location in records:
+            record = onnx.ModelProto()
+            tensor = record.graph.initializer.add()
+            tensor.name, tensor.data_type = name, data_type
+            tensor.dims.extend(dims)
+            tensor.raw_data = storage.name_to_tensor_data.pop(location)
+            f.write(record.SerializeToString())
+            del record, tensor
+
+
 def _write(proto, storage, path):
     """Writes the ModelProto to `path`; tensors held in `storage` go to one external-data file beside it."""
     if storage is not None and storage.name_to_tensor_data:
@@ -211,8 +286,9 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
     and cast to float32 in the graph: ONNX Runtime's CPU provider has no
     bfloat16 Conv or MatMul kernels, so it computes in float32 with the
     rounded weights (same inputs and outputs). The file's metadata holds
-    the class names (`class_names`) too. tf2onnx holds several copies of the
-    weights while it converts (peak memory: `benchmarks/RESULTS.md`).
+    the class names (`class_names`) too. The conversion takes tf2onnx's
+    large-model path (`_convert`) and the file is written a weight at a time:
+    R50+ViT-B/16 peaks at 3.4 GB (was 9.7), `benchmarks/RESULTS.md`.
 
     The folder appears only complete, with the manifest of every export;
     `overwrite` replaces only an earlier export (see `files.atomic_dir`), never a
@@ -232,7 +308,9 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
         external = _weight_bytes(model) > EXTERNAL_DATA_BYTES
         bar.update(0, note="converting with tf2onnx")
         with console.native_output("converting to ONNX"):
-            proto, storage = _convert(model, opset, external)
+            proto, storage = _convert(model, opset)
+        del model
+        gc.collect()
         _check_opset_written(proto, opset)
         if precision == "bfloat16":
             _bfloat16_weights(proto, storage)
@@ -241,7 +319,10 @@ def export_onnx(model, out_dir, opset=DEFAULT_OPSET, class_names=None, overwrite
             proto.doc_string += "; weights stored in bfloat16, computed in float32"
         bar.update(1, note="writing")
         path = os.path.join(tmp, ONNX_FILE)
-        _write(proto, storage if external else None, path)
+        if external:
+            _write(proto, storage, path)
+        else:
+            _write_one_file(proto, storage, path)
         del proto, storage
         gc.collect()
         bar.update(2, note="checking")
