@@ -55,13 +55,12 @@ def test_fixtures_on_backend(backend, keras_files):
         assert f"{name} rollout_grid" in out and f"{name} build_model(weights=) attn_1" in out
     for folder in reads:
         assert f"tiny_r50 .keras from {folder.name} logits" in out
+    if backend != keras.backend.backend():
+        _check_keras_file_here(keras_files / backend / "tiny_vit_gap.keras")
 
 
-def test_torch_keras_file_loads_here(keras_files):
-    """The `.keras` that PyTorch wrote loads on this process's backend with the fixture's outputs."""
-    path = keras_files / "torch" / "tiny_vit_gap.keras"
-    if not path.exists():
-        pytest.skip("needs test_fixtures_on_backend[torch] first")
+def _check_keras_file_here(path):
+    """A `.keras` that another backend wrote loads on this process's backend with the fixture's outputs."""
     case = Case("tiny_vit_gap")
     logits, weights = vit_keras.attention_model(keras.saving.load_model(path)).predict(case.images, verbose=0)
     assert_close(logits, case.expected["logits"], 2e-5, "logits")
