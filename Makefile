@@ -20,14 +20,14 @@ demo: $(STAMP)
 	$(VENV)/bin/vit-keras demo --out runs/demo
 
 # Everything (CI runs this): the linter, then the whole suite in $(JOBS) processes (pytest-xdist; one module, or
-# the modules sharing the demo training, per unit of work: tests/conftest.py).
+# the modules sharing the demo training, per unit of work: the scheduler in tests/conftest.py).
 JOBS ?= 2
 test: lint
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup
+	$(PY) -m pytest -q -n $(JOBS)
 
 # The fast lane: the linter and the tests not marked slow (no training, export or subprocess).
 check: lint
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
