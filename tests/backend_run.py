@@ -116,7 +116,7 @@ def main(out, reads):
               numpy_grid(numpy_rollout(expected), grid), ROLLOUT_ATOL)
         model.save(out / f"{name}.keras")
         if name in BFLOAT16_CASES:
-            copy = vit_keras.inference_copy(model)
+            copy = vit_keras.inference_copy(model, "bfloat16")
             check_bfloat16(copy, case, f"{name} inference_copy")
             if name == "tiny_r50":
                 copy.save(out / f"{name}_bf16.keras")

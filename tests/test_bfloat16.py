@@ -92,7 +92,7 @@ def test_mixed_model_reloads_mixed_and_copies_to_bfloat16(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "mixed.keras")
     head = loaded.get_layer("head")
     assert {layer.dtype_policy.name for layer in every_layer(loaded) if layer is not head} == {"mixed_bfloat16"}
-    copy = vit_keras.inference_copy(loaded)
+    copy = vit_keras.inference_copy(loaded, "bfloat16")
     head = copy.get_layer("head")
     assert {layer.dtype_policy.name for layer in every_layer(copy) if layer is not head} == {"bfloat16"}
     assert head.dtype_policy.name == "float32" and keras.backend.standardize_dtype(head.kernel.dtype) == "float32"
@@ -176,7 +176,7 @@ def run(model, images):
 def test_fixtures_in_bfloat16(case):
     """Each vit_jax fixture: the bfloat16 copy against the upstream float32 logits, and against float32 Keras."""
     f32 = case.model()
-    copy = vit_keras.inference_copy(f32)
+    copy = vit_keras.inference_copy(f32, "bfloat16")
     layers = [layer for layer in every_layer(copy) if layer.name != "head"]
     assert {layer.compute_dtype for layer in layers} == {"bfloat16"}
     assert {keras.backend.standardize_dtype(v.dtype) for layer in layers for v in layer.weights} == {"bfloat16"}
@@ -203,7 +203,7 @@ def test_create_in_bfloat16_loads_the_checkpoint(tiny_r50):
 
 
 def test_inference_copy_saves_and_loads(tiny_r50, tmp_path):
-    copy = vit_keras.inference_copy(tiny_r50.model())
+    copy = vit_keras.inference_copy(tiny_r50.model(), "bfloat16")
     assert copy.get_layer("embeddings").resnet.prestandardized  # standardised in float32, then rounded
     path = tmp_path / "bf16.keras"
     copy.save(path)
@@ -222,7 +222,7 @@ def test_inference_copy_saves_and_loads(tiny_r50, tmp_path):
 
 def test_features_output_is_cast_to_float32(tiny_vit):
     model = tiny_vit.model(include_top=False)
-    copy = vit_keras.inference_copy(model)
+    copy = vit_keras.inference_copy(model, "bfloat16")
     assert copy.layers[-1].name == "float32_output"
     features = run(copy, tiny_vit.images)
     assert features.dtype == np.float32
@@ -244,7 +244,7 @@ def test_demo_model_top1_in_bfloat16(demo_run):
 
     out, _ = demo_run
     model = keras.saving.load_model(out / "model.keras")
-    copy = vit_keras.inference_copy(model)
+    copy = vit_keras.inference_copy(model, "bfloat16")
     images, labels = data.pixels(data.load("digits").test, model.input_shape[1:3])
     x = images.astype("float32") / 127.5 - 1
     reference, logits = model.predict(x, verbose=0), copy.predict(x, verbose=0)

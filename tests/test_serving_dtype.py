@@ -29,8 +29,9 @@ def test_no_cpuinfo_means_float32(tmp_path):
     assert fast_inference_dtype(str(tmp_path / "missing")) == "float32"
 
 
-def test_auto_copy_has_the_dtype_of_this_cpu():
+def test_default_copy_has_the_dtype_of_this_cpu():
+    """`inference_copy`'s default is "auto": bfloat16 only where this CPU multiplies it natively."""
     model = vit_keras.build_model(32, 16, 1, 32, 2, 64, classes=4)
-    copy = vit_keras.inference_copy(model, dtype="auto")
+    copy = vit_keras.inference_copy(model)
     dense = copy.get_layer("Transformer").blocks[0].mlp.dense_1
     assert keras.backend.standardize_dtype(dense.kernel.dtype) == fast_inference_dtype()

@@ -44,7 +44,7 @@ def _is_head(config):
     return config.get("class_name") == "ClassifierHead" or config.get("registered_name") == "vit_keras>ClassifierHead"
 
 
-def inference_copy(model, dtype="bfloat16"):
+def inference_copy(model, dtype="auto"):
     """A copy of a trained model for inference, its weights stored once in `dtype`.
 
     Under `"bfloat16"` every layer runs the Keras `"bfloat16"` policy: the
@@ -64,13 +64,14 @@ def inference_copy(model, dtype="bfloat16"):
         model: keras.Model. A model of this package (trained, fine-tuned or
             loaded from `.keras`), in any precision.
         dtype: str. "bfloat16", "float32", or "auto": bfloat16 where this CPU
-            has AVX512-BF16 or AMX, else float32 (`fast_inference_dtype`).
-            Defaults to "bfloat16".
+            has AVX512-BF16 or AMX, else float32 (`fast_inference_dtype`:
+            where bfloat16 is emulated it is slower than float32).
+            Defaults to "auto".
 
     Example:
     >>> import vit_keras, keras
     >>> model = vit_keras.build_model(32, 16, 2, 64, 4, 128, classes=10)
-    >>> fast = inference_copy(model)
+    >>> fast = inference_copy(model, "bfloat16")
     >>> fast.get_layer("Transformer").blocks[0].attention.query.kernel.dtype
     'bfloat16'
     >>> str(keras.backend.standardize_dtype(fast(keras.ops.zeros((1, 32, 32, 3))).dtype))
