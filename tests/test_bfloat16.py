@@ -205,6 +205,7 @@ def test_create_in_bfloat16_loads_the_checkpoint(tiny_r50):
 def test_inference_copy_saves_and_loads(tiny_r50, tmp_path):
     copy = vit_keras.inference_copy(tiny_r50.model(), "bfloat16")
     assert copy.get_layer("embeddings").resnet.prestandardized  # standardised in float32, then rounded
+    assert vit_keras.inference_copy(copy, "bfloat16") is copy  # a copy already: no second one
     path = tmp_path / "bf16.keras"
     copy.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)

@@ -57,8 +57,8 @@ def inference_copy(model, dtype="auto"):
     float32 weights and gives float32 logits; a model whose output is not
     the head's gets a float32 cast layer `float32_output` at its end.
     `"float32"` gives the float32 copy with the standardisation folded. The
-    copy saves and loads as `.keras`. For inference and export; train the
-    original. Accuracy against float32: README, "bfloat16".
+    copy saves and loads as `.keras`; a bfloat16 copy given again comes back
+    as it is. For inference and export; train the original. Accuracy against float32: README, "bfloat16".
 
     Args:
         model: keras.Model. A model of this package (trained, fine-tuned or
@@ -86,6 +86,8 @@ def inference_copy(model, dtype="auto"):
         raise ValueError(f"inference_copy takes a keras.Model, got {type(model).__name__}.")
     if dtype == "auto":
         dtype = fast_inference_dtype()
+    if dtype == "bfloat16" and _is_bfloat16_copy(model):  # as float32_copy: nothing to do, no second copy
+        return model
     # The kernels standardised in float32 from the original's, one weight at a time (no float32 folded copy).
     weights = (_float32(w) for w in vit_model.folded_weights(model))
     resnet = vit_model._resnet(model)
@@ -108,6 +110,14 @@ def inference_copy(model, dtype="auto"):
             keras.layers.Identity(dtype="float32", name=name)(t) for t, name in zip(copy.outputs, names)]
     inputs = copy.inputs[0] if len(copy.inputs) == 1 else copy.inputs
     return keras.Model(inputs, cast[0] if len(cast) == 1 else cast, name=copy.name)
+
+
+def _is_bfloat16_copy(model):
+    """Whether `model` is a bfloat16 `inference_copy` already: every weight but the head's in bfloat16."""
+    import keras
+
+    weights = [w for layer in model.layers if layer.name != "head" for w in layer.weights]
+    return bool(weights) and all(keras.backend.standardize_dtype(w.dtype) == "bfloat16" for w in weights)
 
 
 def _float32(weight):

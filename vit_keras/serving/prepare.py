@@ -34,13 +34,6 @@ def prepare_export_model(model, precision="float32"):
     """
     check_dtype(precision, EXPORT_PRECISIONS, "precision")
     if precision == "bfloat16":
-        return model if _is_bfloat16_copy(model) else inference_copy(model, "bfloat16")
+        return inference_copy(model, "bfloat16")  # a bfloat16 copy already comes back as it is
     return fold_weight_standardization(float32_copy(model))
 
-
-def _is_bfloat16_copy(model):
-    """Whether `model` is an `inference_copy` in bfloat16 already (every weight but the head's in bfloat16)."""
-    import keras
-
-    weights = [w for layer in model.layers if layer.name != "head" for w in layer.weights]
-    return bool(weights) and all(keras.backend.standardize_dtype(w.dtype) == "bfloat16" for w in weights)
