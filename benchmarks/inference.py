@@ -16,8 +16,9 @@ and batch, and the table reports the median over rounds.
 - `vit_keras-xla`: the folded copy with `jit_compile=True`.
 - `vit_keras-tflite`: the float32 TFLite file (converted once, before the rounds)
   in the LiteRT interpreter with all cores; this process does not import TensorFlow.
-- `vit_keras@REF` (with `--baseline REF`): the package as it was at git REF,
-  for before/after figures from one run.
+- `ENGINE@REF` (with `--baseline REF`): each `vit_keras` engine asked for
+  (TFLite's aside) run again with the package as it was at git REF, for
+  before/after figures from one run.
 - `vit_keras-f32`, `vit_keras-bf16` (`-xla`: under `jit_compile=True`): the serving path,
   `vit_keras.inference_copy(model, dtype)` of the float32 model (ResNet kernels standardised once;
   bfloat16: weights stored once in bfloat16), the original let go before timing.
@@ -110,7 +111,8 @@ def make_fn(engine, name, batch, size, precision="float32"):
     if engine.startswith("vit_keras"):
         ref_dir = None
         if "@" in engine:  # the package as it was at a git ref, unpacked by main()
-            ref_dir = os.path.join(BENCH_DIR, "ref-" + engine.split("@", 1)[1])
+            engine, ref = engine.split("@", 1)
+            ref_dir = os.path.join(BENCH_DIR, "ref-" + ref)
             sys.path.insert(0, ref_dir)
         import keras
 
@@ -230,7 +232,8 @@ def main():
     engines = list(args.engines)
     if args.baseline:
         unpack_ref(args.baseline)
-        engines.insert(1, f"vit_keras@{args.baseline}")
+        engines = [twin for e in engines for twin in
+                   ([e, f"{e}@{args.baseline}"] if e.startswith("vit_keras") and e != "vit_keras-tflite" else [e])]
     loads = [load_average()]
     ceiling = matmul_gflops()
     bf16_rate = matmul_gflops(dtype="bfloat16")
@@ -264,7 +267,7 @@ def main():
                     row.update({"images/s": f"{ips:.2f}",
                                 "peak MB": f"{max(x['peak MB'] for x in runs if 'peak MB' in x):.0f}",
                                 "of ceiling": f"{ips * flops / ceiling:.0%}"})
-                    bf16 = engine in BF16_ENGINES[4:] or args.precision == "bfloat16"
+                    bf16 = engine.split("@")[0] in BF16_ENGINES[4:] or args.precision == "bfloat16"
                     if bf16 and timm_bf16:  # bfloat16 rows against timm's autocast row
                         row["x timm"] = f"{ips / timm_bf16:.2f} (bf16)"
                     elif timm:

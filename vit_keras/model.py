@@ -206,10 +206,11 @@ def build_model(
     inputs = keras.Input((height, width, input_channels), name="image")
     x = embeddings(inputs)
     # Without the weights the attention is fused (flash attention on a GPU); `attention_model` has them.
+    # A token classifier reads token 0 alone, so the last block computes only that row.
     y = Encoder(num_layers, num_heads, mlp_dim, dropout=dropout,
                 attention_dropout=attention_dropout, layer_norm_epsilon=numerics["layer_norm_epsilon"],
                 gelu_approximate=numerics["gelu_approximate"], remat=remat, name="Transformer", dtype=dtype)(
-        x, return_weights=False)
+        x, return_weights=False, class_token_only=classifier == "token")
     if classifier == "token":
         y = ExtractToken(name="class_token", dtype=dtype)(y)
     elif classifier == "gap":  # the mean of the normalised tokens, as the original (no fc_norm)

@@ -85,16 +85,16 @@ class Attention(keras.layers.Layer):
 
     def call(self, inputs, training=None, return_weights=True, context=None):
         context = inputs if context is None else context
-        q = self.query(inputs) * ops.cast(1.0 / math.sqrt(self.head_dim), inputs.dtype)
-        k = self.key(context)
-        v = self.value(context)
+        q = project(self.query, inputs, 1) * ops.cast(1.0 / math.sqrt(self.head_dim), inputs.dtype)
+        k = project(self.key, context, 1)
+        v = project(self.value, context, 1)
         if not return_weights and not (training and self.dropout > 0):
-            return self.out(ops.dot_product_attention(q, k, v, scale=1.0))
+            return project(self.out, ops.dot_product_attention(q, k, v, scale=1.0), 2)
         logits = ops.einsum("bqhk,bthk->bhqt", q, k)
         weights = ops.softmax(ops.cast(logits, "float32"), axis=-1)
         probs = self.dropout_layer(ops.cast(weights, v.dtype), training=training)
-        x = ops.einsum("bhqt,bthk->bqhk", probs, v)
-        return (self.out(x), weights) if return_weights else self.out(x)
+        x = project(self.out, ops.einsum("bhqt,bthk->bqhk", probs, v), 2)
+        return (x, weights) if return_weights else x
 
     def compute_output_shape(self, input_shape):
         b, t, _ = input_shape
@@ -111,6 +111,24 @@ class Attention(keras.layers.Layer):
         config = super().get_config()
         config.update({"num_heads": self.num_heads, "dropout": self.dropout})
         return config
+
+
+def project(layer, x, in_dims):
+    """`layer(x)` for an `EinsumDense` contracting the last `in_dims` axes of `x`, as one 2-D matmul plus bias.
+
+    The same numbers as the layer's einsum (its `kernel`, LoRA included), but
+    TensorFlow runs the einsum as a batched matmul at ~65 % of the plain
+    matmul's rate on CPU, and oneDNN fuses the bias add only into a 2-D one
+    (`benchmarks/profile_ops.py`). A quantized layer runs as it is.
+    """
+    if layer.quantization_mode is not None:
+        return layer(x)
+    kernel = layer.kernel
+    n_in = math.prod(kernel.shape[:in_dims])
+    y = ops.matmul(ops.reshape(x, (-1, n_in)), ops.reshape(kernel, (n_in, -1)))
+    if layer.bias is not None:
+        y = y + ops.reshape(layer.bias, (-1,))
+    return ops.reshape(y, tuple(ops.shape(x)[:-in_dims]) + tuple(kernel.shape[in_dims:]))
 
 
 def tokens_and_weights_spec(inputs, dtype, num_heads, return_weights):

@@ -36,6 +36,11 @@ class Block(keras.layers.Layer):
         training: bool or None. Dropout on. Defaults to None.
         return_weights: bool. Also return the attention weights; False runs
             the fused attention (see `Attention`). Defaults to True.
+        class_token_only: bool. Compute the output for token 0 alone: its
+            query attends to every token, and the MLP runs on it only
+            (`[batch, 1, D]` out, weights `[batch, heads, 1, tokens]`). What a
+            `"token"` classifier's last block needs; the same numbers for that
+            token. Defaults to False.
 
     Returns:
         `(tokens [batch, tokens, D], weights [batch, heads, tokens, tokens])`,
@@ -72,8 +77,13 @@ class Block(keras.layers.Layer):
         self.mlp.build(input_shape)
         self.built = True
 
-    def call(self, inputs, training=None, return_weights=True):
-        y = self.attention(self.norm_0(inputs), training=training, return_weights=return_weights)
+    def call(self, inputs, training=None, return_weights=True, class_token_only=False):
+        normed = self.norm_0(inputs)
+        if class_token_only:  # keys and values from every token, the query from the class token alone
+            inputs = inputs[:, :1]
+            y = self.attention(normed[:, :1], context=normed, training=training, return_weights=return_weights)
+        else:
+            y = self.attention(normed, training=training, return_weights=return_weights)
         if return_weights:
             y, weights = y
         x = inputs + self.dropout_layer(y, training=training)
@@ -84,8 +94,12 @@ class Block(keras.layers.Layer):
         b, t, _ = input_shape
         return input_shape, (b, self.num_heads, t, t)
 
-    def compute_output_spec(self, inputs, training=None, return_weights=True):
-        return tokens_and_weights_spec(inputs, self.compute_dtype, self.num_heads, return_weights)
+    def compute_output_spec(self, inputs, training=None, return_weights=True, class_token_only=False):
+        if not class_token_only:
+            return tokens_and_weights_spec(inputs, self.compute_dtype, self.num_heads, return_weights)
+        b, t, d = inputs.shape
+        output = keras.KerasTensor((b, 1, d), dtype=self.compute_dtype)
+        return (output, keras.KerasTensor((b, self.num_heads, 1, t), dtype="float32")) if return_weights else output
 
     def get_config(self):
         config = super().get_config()

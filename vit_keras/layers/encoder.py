@@ -39,6 +39,10 @@ class Encoder(keras.layers.Layer):
             `"weights"`, their attention weights. The one path
             `attention_model` and `features_model` take (through
             `WithIntermediates`). Defaults to False.
+        class_token_only: bool. The last block computes token 0 alone
+            (`Block`'s `class_token_only`), so the tokens out are
+            `[batch, 1, D]`: all a `"token"` classifier reads, for about one
+            block's work less (`build_model` asks for it). Defaults to False.
 
     Returns:
         `(tokens [batch, tokens, D], [weights of block 0, ..., L-1])`, each
@@ -89,17 +93,18 @@ class Encoder(keras.layers.Layer):
         self.encoder_norm.build(input_shape)
         self.built = True
 
-    def call(self, inputs, training=None, return_weights=True, return_intermediates=False):
+    def call(self, inputs, training=None, return_weights=True, return_intermediates=False, class_token_only=False):
         x = inputs
         blocks, weights = [], []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            first = class_token_only and i == len(self.blocks) - 1
             if return_weights:
-                x, w = block(x, training=training)
+                x, w = block(x, training=training, class_token_only=first)
                 weights.append(w)
             elif self.remat:
-                x = remat_call(block, x, training=training, return_weights=False)
+                x = remat_call(block, x, training=training, return_weights=False, class_token_only=first)
             else:
-                x = block(x, training=training, return_weights=False)
+                x = block(x, training=training, return_weights=False, class_token_only=first)
             blocks.append(x)
         x = self.encoder_norm(x)
         if return_intermediates:
@@ -110,14 +115,18 @@ class Encoder(keras.layers.Layer):
         b, t, _ = input_shape
         return input_shape, [(b, self.num_heads, t, t)] * self.num_layers
 
-    def compute_output_spec(self, inputs, training=None, return_weights=True, return_intermediates=False):
-        def tokens():
-            return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+    def compute_output_spec(self, inputs, training=None, return_weights=True, return_intermediates=False,
+                            class_token_only=False):
+        b, t, d = inputs.shape
 
-        b, t, _ = inputs.shape
-        weights = [keras.KerasTensor((b, self.num_heads, t, t), dtype="float32") for _ in range(self.num_layers)]
+        def tokens(last=True):
+            return keras.KerasTensor((b, 1, d) if class_token_only and last else (b, t, d), dtype=self.compute_dtype)
+
+        last = self.num_layers - 1
+        weights = [keras.KerasTensor((b, self.num_heads, 1 if class_token_only and i == last else t, t),
+                                     dtype="float32") for i in range(self.num_layers)]
         if return_intermediates:
-            blocks = [tokens() for _ in range(self.num_layers)]
+            blocks = [tokens(i == last) for i in range(self.num_layers)]
             return tokens(), ({"blocks": blocks, "weights": weights} if return_weights else {"blocks": blocks})
         return (tokens(), weights) if return_weights else tokens()
 
