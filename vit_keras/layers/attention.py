@@ -117,9 +117,9 @@ def project(layer, x, in_dims):
     """`layer(x)` for an `EinsumDense` contracting the last `in_dims` axes of `x`, as one 2-D matmul plus bias.
 
     The same numbers as the layer's einsum (its `kernel`, LoRA included), but
-    TensorFlow runs the einsum as a batched matmul at ~65 % of the plain
-    matmul's rate on CPU, and oneDNN fuses the bias add only into a 2-D one
-    (`benchmarks/profile_ops.py`). A quantized layer runs as it is.
+    TensorFlow runs the einsum as a batched matmul, which on CPU was ~8 %
+    slower in bfloat16 (as fast in float32) than this plain matmul of the
+    flattened tokens (`benchmarks/RESULTS.md`). A quantized layer runs as it is.
     """
     if layer.quantization_mode is not None:
         return layer(x)

@@ -97,14 +97,14 @@ class Encoder(keras.layers.Layer):
         x = inputs
         blocks, weights = [], []
         for i, block in enumerate(self.blocks):
-            first = class_token_only and i == len(self.blocks) - 1
+            last_only = class_token_only and i == len(self.blocks) - 1  # the class token's row alone
             if return_weights:
-                x, w = block(x, training=training, class_token_only=first)
+                x, w = block(x, training=training, class_token_only=last_only)
                 weights.append(w)
             elif self.remat:
-                x = remat_call(block, x, training=training, return_weights=False, class_token_only=first)
+                x = remat_call(block, x, training=training, return_weights=False, class_token_only=last_only)
             else:
-                x = block(x, training=training, return_weights=False, class_token_only=first)
+                x = block(x, training=training, return_weights=False, class_token_only=last_only)
             blocks.append(x)
         x = self.encoder_norm(x)
         if return_intermediates:
