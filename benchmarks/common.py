@@ -35,6 +35,16 @@ def matmul_gflops(n=2048, dtype="float32"):
     return 2 * n**3 / seconds / 1e9
 
 
+def model_parser(doc, batch):
+    """The argument parser of a one-model script: its docstring as help, `--model` and `--batch`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_r50_b16")
+    p.add_argument("--batch", type=int, default=batch)
+    return p
+
+
 def machine():
     import tensorflow as tf
 

@@ -14,19 +14,16 @@ under `tf.function` with variables). Wall-clock figures come from
 `benchmarks/inference.py`.
 """
 
-import argparse
 import collections
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cpu_info, table
+from common import cpu_info, model_parser, table
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_r50_b16")
-    p.add_argument("--batch", type=int, default=8)
+    p = model_parser(__doc__, batch=8)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--runs", type=int, default=5)

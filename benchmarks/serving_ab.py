@@ -9,7 +9,6 @@ from the median call. Load from other processes falls on all paths alike, which 
 (`inference.py`) cannot give on a shared machine. No timm here: torch and TensorFlow in one process crash.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -18,13 +17,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cpu_info, load_average, matmul_gflops, table
+from common import cpu_info, load_average, matmul_gflops, model_parser, table
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_r50_b16")
-    p.add_argument("--batch", type=int, default=1)
+    p = model_parser(__doc__, batch=1)
     p.add_argument("--calls", type=int, default=15)
     args = p.parse_args()
     import tensorflow as tf

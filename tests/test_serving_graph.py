@@ -93,11 +93,13 @@ def test_group_norm_in_bfloat16_is_the_float32_result_rounded(mean):
     """
     x = np.random.default_rng(0).normal(mean, 1.0, (2, 8, 8, 64)).astype("float32")
     full, half = GroupNorm(groups=8), GroupNorm(groups=8, dtype="bfloat16")
-    full.build(x.shape), half.build(x.shape)
+    full.build(x.shape)
+    half.build(x.shape)
     scale = np.random.default_rng(1).uniform(0.5, 2, 64).astype("float32")
     bias = np.random.default_rng(2).normal(0, 1, 64).astype("float32")
     for layer in (full, half):
-        layer.scale.assign(scale), layer.bias.assign(bias)
+        layer.scale.assign(scale)
+        layer.bias.assign(bias)
     rounded = keras.ops.cast(x, "bfloat16")
     out = half(rounded)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
