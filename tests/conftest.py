@@ -36,6 +36,7 @@ SLOW_MODULES = {
 # training (`demo_run`, ~4 minutes) are one unit together, so it trains once. (xdist's own `loadgroup` does not
 # group under pytest 9: it renames node ids, which pytest 9 ignores.)
 DEMO_MODULES = {"test_bfloat16", "test_export", "test_visualize"}
+LONG_FAST_MODULES = {"test_finetune", "test_console", "test_features"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,6 +46,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "demo_run" in getattr(item, "fixturenames", ()) and stem not in DEMO_MODULES:
             raise pytest.UsageError(f"{item.nodeid} uses demo_run: add {stem} to DEMO_MODULES in tests/conftest.py")
+    # The longest units of work first, the many short modules last, so the two processes end together: the demo
+    # unit, the slow modules, the fast lane's longest (30-130 s each), then the rest (a stable sort: each module's
+    # tests keep their order).
+    items.sort(key=lambda item: (item.path.stem not in DEMO_MODULES, item.path.stem not in SLOW_MODULES,
+                                 item.path.stem not in LONG_FAST_MODULES))
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # keep the order above (xdist would sort units by their test count)
 
 
 @pytest.hookimpl(optionalhook=True)
