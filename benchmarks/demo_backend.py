@@ -1,9 +1,9 @@
 """The README's demo training (`vit-keras demo`'s recipe) on the Keras backend of this process.
 
-    KERAS_BACKEND=jax python benchmarks/demo_backend.py [--epochs 40] [--out runs/demo_jax]
+    KERAS_BACKEND=jax python benchmarks/demo_backend.py [--epochs 60] [--out runs/demo_jax]
 
 Trains the small hybrid on the built-in digits exactly as `vit_keras.training.DEMO`
-says (40 epochs, batch 32, 64x64, SGD + warm-up + cosine) with
+says (60 epochs, batch 32, 64x64, SGD + warm-up + cosine) with
 `vit_keras.training.train`, and prints the backend, the test top-1 accuracy and
 the wall time. On JAX and PyTorch the input is the TensorFlow-free
 `ImagePipeline`; the export and attention steps of `vit-keras demo` are not run.
