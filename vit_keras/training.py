@@ -491,8 +491,8 @@ def validate(config):
 
 
 # `vit-keras demo`: a small hybrid (ResNet width 32, one unit per stage; ViT width 64, 2 layers) at 64x64, a backup
-# per epoch. (40 epochs reach the same test top-1, but its attention maps are more diffuse and its int8 file is
-# further from float32: the demo shows both.)
+# per epoch. (40 epochs reach the same test top-1, but the int8 file of that model is further from float32, which
+# the demo shows: 99.7 % top-1 agreement and max |dp| 0.30 against 100 % and 0.077.)
 DEMO = TrainConfig(model="vit_hybrid_tiny", dataset="digits", image_size=64, epochs=60, batch_size=32,
                    learning_rate=0.1, out="runs/demo")
 
