@@ -14,6 +14,10 @@ and batch, and the table reports the median over rounds.
   standardised once (`vit_keras.fold_weight_standardization`; what the
   SavedModel export serves). Hybrids only: a plain ViT has nothing to fold.
 - `vit_keras-xla`: the folded copy with `jit_compile=True`.
+- `vit_keras-savedmodel`, `vit_keras-savedmodel-bf16`: what TF Serving runs: the model exported once
+  (`vit_keras.serving.export_saved_model`, float32 / `precision="bfloat16"`, before the rounds), then
+  in each process `tf.saved_model.load` and its `predict_images` signature (pixels in; preprocessing,
+  softmax and top-5 inside); no Keras model is built in the timed process.
 - `vit_keras-tflite`: the float32 TFLite file (converted once, before the rounds)
   in the LiteRT interpreter with all cores; this process does not import TensorFlow.
 - `ENGINE@REF` (with `--baseline REF`): each `vit_keras` engine asked for
@@ -60,10 +64,16 @@ ENGINES = ["vit_keras", "vit_keras-folded", "vit_keras-xla", "vit_keras-tflite",
 # the old paths (`vit_keras`, `vit_keras-mixed`), the inference copies, timm in both precisions.
 BF16_ENGINES = ["vit_keras", "vit_keras-f32", "vit_keras-f32-xla", "timm", "vit_keras-mixed", "vit_keras-bf16",
                 "vit_keras-bf16-xla", "timm-bf16"]
+# The engines compared with `timm-bf16` (the rest with `timm`).
+BF16_ROWS = {"vit_keras-mixed", "vit_keras-bf16", "vit_keras-bf16-xla", "timm-bf16", "vit_keras-savedmodel-bf16"}
 
 
 def _tflite_path(name, size):
     return os.path.join(BENCH_DIR, f"{name}-{size}-float32.tflite")
+
+
+def _saved_model_dir(name, size, precision, ref=None):
+    return os.path.join(BENCH_DIR, f"{name}-{size}-savedmodel-{precision}" + (f"@{ref}" if ref else ""))
 
 
 def _inputs(batch, size):
@@ -92,8 +102,44 @@ def prepare_tflite(name, size):
         f.write(export.convert_tflite(model, "float32"))
 
 
+def _import_vit_keras(ref=None):
+    """`vit_keras` from this checkout, or as it was at git `ref` (unpacked by main())."""
+    ref_dir = None
+    if ref:
+        ref_dir = os.path.join(BENCH_DIR, "ref-" + ref)
+        sys.path.insert(0, ref_dir)
+    import vit_keras
+
+    if ref_dir and not vit_keras.__file__.startswith(ref_dir):
+        raise ImportError(f"imported {vit_keras.__file__}, not the package at {ref_dir}")
+    return vit_keras
+
+
+def prepare_saved_models(name, size, ref=None):
+    """Exports the float32 and bfloat16 SavedModels once (not timed), with the package at `ref`."""
+    import shutil
+
+    vit_keras = _import_vit_keras(ref)
+    from vit_keras.serving.saved_model import export_saved_model
+
+    model = vit_keras.BUILDERS[name](image_size=size, classes=1000, pretrained=False)
+    for precision in ("float32", "bfloat16"):
+        out = _saved_model_dir(name, size, precision, ref)
+        shutil.rmtree(out, ignore_errors=True)
+        export_saved_model(model, out, name="model", precision=precision)
+
+
 def make_fn(engine, name, batch, size, precision="float32"):
     x = _inputs(batch, size)
+    engine, _, ref = engine.partition("@")
+    if engine.startswith("vit_keras-savedmodel"):
+        import tensorflow as tf
+
+        saved = "bfloat16" if engine.endswith("-bf16") else "float32"
+        served = tf.saved_model.load(os.path.join(_saved_model_dir(name, size, saved, ref), "model", "1"))
+        predict = served.signatures["predict_images"]
+        pixels = tf.constant((x + 1) * 127.5)
+        return lambda: predict(images=pixels)["probabilities"].numpy()
     if engine == "vit_keras-tflite":
         from ai_edge_litert.interpreter import Interpreter
 
@@ -109,17 +155,9 @@ def make_fn(engine, name, batch, size, precision="float32"):
 
         return fn
     if engine.startswith("vit_keras"):
-        ref_dir = None
-        if "@" in engine:  # the package as it was at a git ref, unpacked by main()
-            engine, ref = engine.split("@", 1)
-            ref_dir = os.path.join(BENCH_DIR, "ref-" + ref)
-            sys.path.insert(0, ref_dir)
         import keras
 
-        import vit_keras
-
-        if ref_dir and not vit_keras.__file__.startswith(ref_dir):
-            raise ImportError(f"imported {vit_keras.__file__}, not the package at {ref_dir}")
+        vit_keras = _import_vit_keras(ref)
 
         if precision == "bfloat16" or engine == "vit_keras-mixed":
             keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -183,6 +221,9 @@ def child(args):
     engine, name, batch = args.child
     if engine == "prepare-tflite":
         prepare_tflite(name, args.image_size)
+        result = {}
+    elif engine.startswith("prepare-savedmodel"):
+        prepare_saved_models(name, args.image_size, engine.partition("@")[2])
         result = {}
     elif engine == "torch-matmul":
         result = {"gflops": torch_matmul_gflops(), "bf16 gflops": torch_matmul_gflops(dtype="bfloat16")}
@@ -248,6 +289,11 @@ def main():
             prepared = spawn(args.image_size, args.precision, "prepare-tflite", name, 0)
             if "error" in prepared:
                 print("TFLite conversion failed:", prepared["error"], flush=True)
+        for ref in sorted({e.partition("@")[2] for e in active if e.startswith("vit_keras-savedmodel")}):
+            prepared = spawn(args.image_size, args.precision, "prepare-savedmodel" + (f"@{ref}" if ref else ""),
+                             name, 0)
+            if "error" in prepared:
+                print("SavedModel export failed:", ref or "", prepared["error"], flush=True)
         for batch in args.batches:
             results = {e: [] for e in active}
             for r in range(args.rounds):
@@ -267,7 +313,7 @@ def main():
                     row.update({"images/s": f"{ips:.2f}",
                                 "peak MB": f"{max(x['peak MB'] for x in runs if 'peak MB' in x):.0f}",
                                 "of ceiling": f"{ips * flops / ceiling:.0%}"})
-                    bf16 = engine.split("@")[0] in BF16_ENGINES[4:] or args.precision == "bfloat16"
+                    bf16 = engine.split("@")[0] in BF16_ROWS or args.precision == "bfloat16"
                     if bf16 and timm_bf16:  # bfloat16 rows against timm's autocast row
                         row["x timm"] = f"{ips / timm_bf16:.2f} (bf16)"
                     elif timm:
