@@ -1,4 +1,4 @@
-"""Writes the SavedModel behind both exports (TF Serving's, and the one TFLite converts from), each weight once."""
+"""The SavedModel behind both exports (TF Serving's, and the one TFLite converts from): each weight and graph once."""
 
 import tensorflow as tf
 
@@ -23,8 +23,9 @@ def save_endpoints(directory, endpoints, models):
       weights, held twice by every process that loads them;
     - `write_out` takes the signatures' concrete functions before
       `tf.saved_model.save` retraces the same functions inside its save
-      context, so each signature's graph was stored twice (`saved_model.pb`
-      11 MB instead of 5, the loading process's graphs ~2x).
+      context, so each signature's graph was stored twice (R50+ViT-B/16's
+      `saved_model.pb` 10.8 MB; 4.1 MB written here, with the export's two
+      classifying signatures sharing one function).
     Here the signatures are traced once, inside the save. The reloaded
     object's `variables`, `trainable_variables` and `non_trainable_variables`
     list the models' weights (in their order) and every endpoint is also an
