@@ -1,7 +1,7 @@
 """The SavedModels hold each weight and each traced graph once (`serving.archive.save_endpoints`).
 
 Keras 3.15's `ExportArchive` wrote every weight twice (keras-team/keras#23553)
-and every signature's graph twice (traced once outside the save, once
+and, for our `tf.function` endpoints, every signature's graph twice (traced once outside the save, once
 inside). Weights are counted in the written checkpoint itself
 (`tf.train.load_checkpoint`) against `count_params` of the model the export
 converts; graphs in `saved_model.pb`'s function library (the functions that

@@ -21,7 +21,8 @@ def save_endpoints(directory, endpoints, models):
       tells objects apart by identity, so every weight was written twice
       (keras-team/keras#23553): 753 MB of variables for 376 MB of float32
       weights, held twice by every process that loads them;
-    - `write_out` takes the signatures' concrete functions before
+    - for an endpoint given as an already traced `tf.function` (as ours
+      are), `write_out` takes the signatures' concrete functions before
       `tf.saved_model.save` retraces the same functions inside its save
       context, so each signature's graph was stored twice (R50+ViT-B/16's
       `saved_model.pb` 10.8 MB; 4.1 MB written here, with the export's two
